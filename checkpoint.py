@@ -1,0 +1,82 @@
+"""Checkpoint files: written atomically, read without unpickling arbitrary objects.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with `torch.save`
+and loaded with `torch.load(weights_only=True)`, so a file carrying pickled code is refused.
+It holds at least `model`, `model_config`, `model_type` and `tokenizer` (see
+`model.model_checkpoint_fields`); training adds optimizer, step, loader and RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+REQUIRED_KEYS = ("model", "model_config", "tokenizer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> Path:
+    """`torch.save` to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load one of our checkpoints; any other file is a `CheckpointError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: refused, it contains pickled objects other than tensors and plain data "
+                f"({first[:120]}); only load checkpoints you trust, and re-save them as plain state dicts"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:120]}); the file may be corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({first[:120]}); the file is corrupt or truncated"
+        ) from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{path}: not a gpt2-repro checkpoint (needs keys {', '.join(REQUIRED_KEYS)}); "
+            "for Hugging Face weights pass the model directory instead"
+        )
+    return ckpt
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    """Checkpoints are `OUT_DIR/ckpt_{step:07d}.pt`, so names sort by step."""
+    return Path(out_dir) / f"ckpt_{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Finished checkpoints in `out_dir`, oldest first (temp files of interrupted writes are not listed)."""
+    return sorted(Path(out_dir).glob("ckpt_*.pt"))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
