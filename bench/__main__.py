@@ -1,0 +1,28 @@
+"""`python -m bench [--quick] [NAME ...]`: run every benchmark in bench/ and print one table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+from bench.common import Row, format_table
+
+
+def main() -> None:
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "common")
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("names", nargs="*", choices=names + [[]], help="benchmarks to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = p.parse_args()
+    rows: list[Row] = []
+    for name in args.names or names:
+        print(f"running bench/{name}.py ...", file=sys.stderr, flush=True)
+        rows += importlib.import_module(f"bench.{name}").run(quick=args.quick)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
