@@ -272,7 +272,7 @@ class GPT(LanguageModel):
         logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
@@ -356,7 +356,7 @@ class BigramLanguageModel(LanguageModel):
         logits = self.token_embedding_table(idx)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
