@@ -1,0 +1,256 @@
+"""Export one of our checkpoints as a Hugging Face GPT-2 directory, for `transformers` and the LM Evaluation Harness.
+
+    python export_hf.py out/gpt2-124M hf/gpt2-repro-124M      # a run dir (its newest checkpoint) or a ckpt file
+    python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf/gpt2-repro-124M')('Hi,'))"
+    lm_eval --model hf --model_args pretrained=hf/gpt2-repro-124M --tasks hellaswag
+
+The directory holds `config.json`, `model.safetensors` (fp32, the vocab rows padded beyond the tokenizer's
+dropped) and, for GPT-2-tokenized runs, the tokenizer: `tokenizer.json` + `tokenizer_config.json` and the
+classic `vocab.json` + `merges.txt`, all derived from the BPE ranks that `tokenizer.py` uses.
+`gpt2_repro_tokenizer.json` records our tokenizer as in a checkpoint; for character-level runs it is the only
+tokenizer there (id i is character i of its `chars`), since that vocabulary is not a Hugging Face tokenizer.
+Before the directory appears, the exported model is loaded back with `transformers` and its logits checked
+against ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from model import GPT, GPTConfig, model_from_checkpoint
+from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
+
+# our nn.Linear weights are (out, in); GPT-2's Conv1D stores (in, out)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"
+VERIFY_ATOL = 1e-4  # fp32 logits of the same weights through two implementations
+
+
+# -----------------------------------------------------------------------------
+# the GPT-2 tokenizer in Hugging Face's byte-level BPE format
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Split `token` with byte-pair merges of rank below `max_rank`, lowest rank first (GPT-2's BPE)."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[j] + parts[j + 1], max_rank), j) for j in range(len(parts) - 1))
+        if rank >= max_rank:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list that the ranks encode: token of rank r is the merge of the two parts BPE leaves just before r."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe_parts(ranks, token, rank)
+        if len(parts) != 2:
+            raise ValueError(f"BPE rank {rank} ({token!r}) is not the merge of two lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json / merges.txt contents: byte strings written with GPT-2's printable stand-in characters."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()
+    ranks = gpt2_encoding()._mergeable_ranks
+
+    def spell(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    vocab = {spell(tok): rank for tok, rank in ranks.items()}
+    vocab["<|endoftext|>"] = GPT2_EOT
+    merges = [(spell(a), spell(b)) for a, b in bpe_merges(ranks)]
+    return vocab, merges
+
+
+def save_gpt2_tokenizer(out_dir: Path, model_max_length: int) -> None:
+    """Write the GPT-2 tokenizer so `AutoTokenizer.from_pretrained(out_dir)` works offline, old and new versions."""
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = gpt2_vocab_and_merges()
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tok.save_pretrained(out_dir)
+    # the classic pair too: older transformers and other tools read these
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def hf_config(config: GPTConfig, vocab_size: int, eot: int | None):
+    """The `transformers` GPT2Config of our model with `vocab_size` rows (GELU tanh = 'gelu_new', LN eps 1e-5)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our weights under `transformers` names: Conv1D weights transposed, the vocab cropped to `vocab_size`."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().float()
+        if k.endswith(CONV1D_WEIGHTS):
+            v = v.t()
+        elif k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[:vocab_size]  # rows past the tokenizer's ids only pad the matmul; no token maps to them
+        out[k] = v.contiguous()
+    return out
+
+
+def to_hf_model(model: GPT, vocab_size: int, eot: int | None):
+    """A `transformers.GPT2LMHeadModel` computing the same logits as `model` over the first `vocab_size` ids."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(hf_config(model.config, vocab_size, eot))
+    sd = hf_state_dict(model, vocab_size)
+    for k, v in hf.state_dict().items():
+        if k.endswith(".bias") and k not in sd:  # bias=False models: GPT-2 always has biases, zeros are the same
+            sd[k] = torch.zeros_like(v)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight names do not map onto GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.eval()
+
+
+@torch.no_grad()
+def max_logit_diff(model: GPT, hf, vocab_size: int, seed: int = 0) -> float:
+    """Largest |logit difference| between our model and the exported one on random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    T = min(model.config.block_size, 64)
+    idx = torch.randint(0, vocab_size, (2, T), generator=g)
+    ours, _ = model.eval()(idx)
+    theirs = hf(idx).logits
+    return (ours[..., :vocab_size].float() - theirs.float()).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# the export
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A checkpoint file, or a run dir's newest checkpoint."""
+    path = Path(spec)
+    if path.is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise CheckpointError(f"{path}: no ckpt_*.pt files in this directory; pass a checkpoint file or run dir")
+        return newest
+    return path
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export into place; an existing export there is replaced only once the new one is whole."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old)
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> dict:
+    """Write the Hugging Face directory for `checkpoint` to `out_dir`; returns a summary dict."""
+    path = resolve_checkpoint(checkpoint)
+    out_dir = Path(out_dir)
+    occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    if occupied and not (out_dir / "config.json").is_file():  # never replace anything but an earlier export
+        raise ValueError(f"{out_dir}: exists and is not a Hugging Face model dir; choose a new output directory")
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, str(path))
+    tokenizer: Tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    if not isinstance(model, GPT):
+        raise ValueError(f"{path}: a {ckpt.get('model_type')} model has no GPT-2 equivalent; only GPT models export")
+    vocab_size = tokenizer.vocab_size
+    if vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {vocab_size} ids but the model only {model.config.vocab_size}")
+
+    hf = to_hf_model(model, vocab_size, tokenizer.eot)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer.name == "gpt2":
+            save_gpt2_tokenizer(tmp, model_max_length=model.config.block_size)
+        (tmp / OUR_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n")
+        diff = None
+        if verify:
+            from transformers import GPT2LMHeadModel
+
+            diff = max_logit_diff(model, GPT2LMHeadModel.from_pretrained(tmp), vocab_size)
+            if not diff <= VERIFY_ATOL:
+                raise RuntimeError(f"exported model disagrees with {path}: max |logit difference| {diff:.3g}")
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "checkpoint": str(path),
+        "out_dir": str(out_dir),
+        "tokenizer": tokenizer.name,
+        "vocab_size": vocab_size,
+        "padded_rows_dropped": model.config.vocab_size - vocab_size,
+        "params": sum(p.numel() for p in hf.parameters()),
+        "max_logit_diff": diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Export a gpt2-repro checkpoint to a Hugging Face GPT-2 directory.")
+    p.add_argument("checkpoint", help="checkpoint file (ckpt_*.pt) or run dir (its newest checkpoint)")
+    p.add_argument("out_dir", help="directory to write (created; a previous export there is replaced)")
+    p.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
+    args = p.parse_args(argv)
+    try:
+        s = export(args.checkpoint, args.out_dir, verify=not args.no_verify)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    print(f"exported {s['checkpoint']} -> {s['out_dir']}: {s['params']:,} parameters, vocab {s['vocab_size']}"
+          + (f" ({s['padded_rows_dropped']} padded rows dropped)" if s["padded_rows_dropped"] else ""))
+    if s["max_logit_diff"] is not None:
+        print(f"checked: transformers reproduces our logits to {s['max_logit_diff']:.2g}")
+    if s["tokenizer"] == "gpt2":
+        print(f"load it: transformers.pipeline('text-generation', model={s['out_dir']!r})")
+        print(f"evaluate: lm_eval --model hf --model_args pretrained={s['out_dir']} --tasks hellaswag")
+    else:
+        print(f"note: this run uses the {s['tokenizer']!r} tokenizer, which is not a Hugging Face one; no tokenizer "
+              f"files were written (its vocabulary is in {OUR_TOKENIZER_FILE}), so pipelines and lm_eval need "
+              "token ids, not text")
+
+
+if __name__ == "__main__":
+    main()
