@@ -1,0 +1,97 @@
+"""Sample text from OpenAI's GPT-2, a Hugging Face GPT-2 directory, or one of our checkpoints.
+
+    python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 --max_new_tokens 64
+    python sample.py --init out/shakespeare-char --prompt "ROMEO:"      # newest checkpoint of a run
+
+Text is printed as it is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from devices import autocast, pick_device, pick_dtype
+from model import LanguageModel, load_model
+from tokenizer import Tokenizer
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Turn a stream of token ids into a stream of text pieces, holding back incomplete UTF-8 characters."""
+    ids: list[int] = []
+    shown = 0
+    for t in tokens:
+        ids.append(t)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            continue
+        yield text[shown:]
+        shown = len(text)
+    text = tokenizer.decode(ids)
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def sample(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    **sampling,
+) -> Iterator[str]:
+    """Yield the text of one sample piece by piece, starting with the prompt."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        if tokenizer.eot is None:
+            raise ValueError("an empty prompt needs a tokenizer with an end-of-text token; give --prompt")
+        ids = [tokenizer.eot]  # GPT-2 starts unconditioned text after <|endoftext|>
+    else:
+        yield prompt
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    with autocast(device, dtype):
+        stream = model.generate_stream(
+            idx, max_new_tokens, generator=generator, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size, **sampling
+        )
+        yield from stream_text(tokenizer, (int(t[0]) for t in stream if tokenizer.eot is None or t[0] != tokenizer.eot))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="gpt2", help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF dir, a checkpoint or run dir")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--num_samples", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(device, args.dtype)
+        model, tokenizer = load_model(args.init)
+        model.to(device).eval()
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        for i in range(args.num_samples):
+            print(f"--- sample {i} ---", flush=True)
+            pieces = sample(model, tokenizer, args.prompt, args.max_new_tokens, generator, device, dtype,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            use_cache=not args.no_cache)
+            for piece in pieces:
+                print(piece, end="", flush=True)
+            print(flush=True)
+    except ValueError as e:  # includes CheckpointError and unknown prompt characters
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
