@@ -54,7 +54,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"({first[:120]}); only load checkpoints you trust, and re-save them as plain state dicts"
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({first[:120]}); the file may be corrupt") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+    # LookupError: a text file read as a pickle
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, LookupError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({first[:120]}); the file is corrupt or truncated"

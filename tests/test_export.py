@@ -1,0 +1,142 @@
+"""export_hf.py: what `transformers` loads from the export computes what our checkpoint computes."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import export_hf
+from checkpoint import save_checkpoint
+from model import GPT, BigramLanguageModel, GPTConfig, model_checkpoint_fields
+from tokenizer import get_tokenizer
+
+PROMPT = "Hello, I'm a language model,"
+PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # OpenAI GPT-2's encoding of PROMPT
+
+
+def random_gpt(vocab_size: int, bias: bool = True, seed: int = 0) -> GPT:
+    """A tiny GPT whose every parameter is random, so a transposed, swapped or dropped tensor changes the logits."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, bias=bias))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def write_ckpt(path, model, tokenizer):
+    save_checkpoint({**model_checkpoint_fields(model, tokenizer), "step": 7}, path)
+    return path
+
+
+@torch.no_grad()
+def hf_logits_match(model: GPT, out_dir, vocab_size: int) -> float:
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    assert hf.config.vocab_size == vocab_size and hf.lm_head.weight.shape[0] == vocab_size
+    idx = torch.randint(0, vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
+    ours, _ = model(idx)
+    return (ours[..., :vocab_size] - hf(idx).logits).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def gpt2_export(tmp_path_factory):
+    """A GPT-2-tokenizer checkpoint with the vocab padded to 50304, exported through the CLI."""
+    d = tmp_path_factory.mktemp("export")
+    model = random_gpt(50304)
+    ckpt = write_ckpt(d / "run" / "ckpt_0000007.pt", model, get_tokenizer("gpt2"))
+    export_hf.main([str(ckpt), str(d / "hf")])
+    return model, d / "hf", d
+
+
+def test_logits_match_transformers(gpt2_export):
+    model, out, _ = gpt2_export
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert hf_logits_match(model, out, 50257) <= 1e-4
+
+
+def test_tokenizer_matches_tiktoken(gpt2_export):
+    from transformers import AutoTokenizer
+
+    _, out, _ = gpt2_export
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok(PROMPT)["input_ids"] == PROMPT_IDS
+    assert tok.encode("<|endoftext|>") == [50256] and tok.eos_token_id == 50256
+    # the tiktoken encoding our training used is the reference for everything else
+    ref = get_tokenizer("gpt2")
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  Ünïcödé 日本語 🙂 it's 3.14159  \t end"
+    assert tok(text)["input_ids"] == ref.encode(text)
+    assert tok.decode(ref.encode(text)) == text
+    merges = (out / "merges.txt").read_text().splitlines()
+    assert merges[0].startswith("#version") and len(merges) == 1 + 50000 and merges[1] == "Ġ t"
+    assert json.loads((out / "vocab.json").read_text())["Hello"] == 15496
+
+
+def test_pipeline_generates_our_greedy_tokens(gpt2_export):
+    from transformers import pipeline
+
+    model, out, _ = gpt2_export
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    got = gen(PROMPT, max_new_tokens=8, do_sample=False, return_tensors=True)
+    ours = model.generate(torch.tensor([PROMPT_IDS]), 8, temperature=0, vocab_size=50257)[0, len(PROMPT_IDS) :]
+    assert list(got[0]["generated_token_ids"]) == PROMPT_IDS + ours.tolist()
+
+
+def test_char_checkpoint_exports_model_and_says_tokenizer_is_ours(tmp_path, capsys):
+    text = open("input.txt").read()[:5000] if os.path.exists("input.txt") else "hello world, to be or not to be\n"
+    tok = get_tokenizer("char", text=text)
+    model = random_gpt(tok.vocab_size, seed=3)
+    ckpt = write_ckpt(tmp_path / "ckpt_0000001.pt", model, tok)
+    export_hf.main([str(ckpt), str(tmp_path / "hf")])
+    assert "not a Hugging Face" in capsys.readouterr().out
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "hf" / export_hf.OUR_TOKENIZER_FILE).read_text()) == tok.to_dict()
+    assert hf_logits_match(model, tmp_path / "hf", tok.vocab_size) <= 1e-4
+
+
+def test_biasless_model_exports_with_zero_biases(tmp_path):
+    tok = get_tokenizer("char", text="abcdefghij ")
+    model = random_gpt(16, bias=False, seed=4)
+    export_hf.export(write_ckpt(tmp_path / "c.pt", model, tok), tmp_path / "hf", verify=False)
+    assert hf_logits_match(model, tmp_path / "hf", tok.vocab_size) <= 1e-4
+
+
+def test_reexport_replaces_previous_export(tmp_path):
+    tok = get_tokenizer("char", text="abcdefghij ")
+    a, b = random_gpt(11, seed=5), random_gpt(11, seed=6)
+    export_hf.export(write_ckpt(tmp_path / "a.pt", a, tok), tmp_path / "hf")
+    (tmp_path / "hf" / "stale.bin").write_bytes(b"x")
+    export_hf.export(write_ckpt(tmp_path / "b.pt", b, tok), tmp_path / "hf")
+    assert hf_logits_match(b, tmp_path / "hf", 11) <= 1e-4
+    assert not (tmp_path / "hf" / "stale.bin").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "bigram", "occupied_out_dir", "empty_run_dir"])
+def test_bad_input_is_a_one_line_error(tmp_path, case, capsys):
+    tok = get_tokenizer("char", text="abc")
+    src, out = tmp_path / "ckpt.pt", tmp_path / "hf"
+    if case == "not_a_checkpoint":
+        src.write_text("hello")
+    elif case == "bigram":
+        write_ckpt(src, BigramLanguageModel(GPTConfig(vocab_size=3)), tok)
+    elif case == "occupied_out_dir":
+        write_ckpt(src, random_gpt(3), tok)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        src = tmp_path / "run"
+        src.mkdir()
+    with pytest.raises(SystemExit) as e:
+        export_hf.main([str(src), str(out)])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert str(out if case == "occupied_out_dir" else src) in msg
+    if case == "occupied_out_dir":
+        assert (out / "notes.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
