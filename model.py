@@ -406,12 +406,14 @@ def model_checkpoint_fields(model: LanguageModel, tokenizer: Tokenizer) -> dict:
 
 def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
     """`gpt2`-family name, a local Hugging Face directory, or one of our checkpoint files."""
+    from checkpoint import latest_checkpoint
+
     path = Path(spec)
-    if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists()):
+    # a run dir has a config.json too (the training config): its checkpoints decide
+    is_run_dir = path.is_dir() and latest_checkpoint(path) is not None
+    if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
         return GPT.from_pretrained(spec), get_tokenizer("gpt2")
     if path.is_dir():
-        from checkpoint import latest_checkpoint
-
         newest = latest_checkpoint(path)
         if newest is None:
             raise ValueError(f"{spec}: neither a HF model dir (config.json) nor a run dir with ckpt_*.pt files")
