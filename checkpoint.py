@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -39,11 +40,26 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
     return path
 
 
+def check_crc(path: Path) -> None:
+    """`torch.load` ignores the CRC-32 that `torch.save` records per entry, so a flipped bit would load as
+    silently wrong weights; check them first (zip-format files only)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e}); the file is corrupt or truncated") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt, its entry {bad} fails its CRC check; use an earlier checkpoint")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load one of our checkpoints; any other file is a `CheckpointError` saying what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    check_crc(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
