@@ -1,0 +1,285 @@
+"""Bad input is refused with one line naming the file or flag and the fix, and no existing file is touched.
+
+Each case runs a CLI's `main` in-process (the same `sys.exit("error: ...")` the interpreter prints) against a
+scratch folder holding a finished run, and checks afterwards that every file there is byte-identical and that
+nothing new appeared. A few cases also go through the real interpreter to show stderr ends in that one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig, model_checkpoint_fields
+from tokenizer import get_tokenizer
+
+train_gpt2 = pytest.importorskip("train_gpt2")
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "ROMEO: to be or not to be, that is the question.\nJULIET: hello world, good night!\n" * 60
+TINY = ["--preset", "shakespeare-char", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+        "--batch_size", "2", "--total_batch_size", "32", "--eval_iters", "1", "--eval_interval", "2",
+        "--ckpt_interval", "2", "--keep_last", "0", "--sample_tokens", "4", "--device", "cpu", "--dtype", "float32",
+        "--compile", "false"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A 4-step char run with checkpoints at steps 2 and 4, trained once for all cases."""
+    root = tmp_path_factory.mktemp("finished")
+    (root / "text.txt").write_text(TEXT)
+    train_gpt2.main(TINY + ["--text_path", str(root / "text.txt"), "--out_dir", str(root / "run"), "--max_steps", "4"])
+    assert sorted(p.name for p in (root / "run").glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+    return root
+
+
+@pytest.fixture
+def scratch(finished_run, tmp_path) -> Path:
+    """A private copy of the finished run and its text: `text.txt`, `run/` (config, metrics, two checkpoints)."""
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def train_args(s: Path, *extra: str) -> list[str]:
+    """The tiny run's flags against the scratch run dir; a missing error would train at most one step."""
+    return TINY + ["--text_path", str(s / "text.txt"), "--out_dir", str(s / "run"), "--max_steps", "1", *extra]
+
+
+def write_shards(d: Path, train: np.ndarray | None = None, val: bool = True) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    tokens = np.arange(4000, dtype=np.uint16) % 50257
+    if val:
+        np.save(d / "edufineweb_val_000000.npy", tokens)
+    np.save(d / "edufineweb_train_000001.npy", tokens)
+    if train is not None:
+        np.save(d / "edufineweb_train_000002.npy", train)
+    return d
+
+
+def shard_args(s: Path, d: Path) -> list[str]:
+    return train_args(s, "--data", "shards", "--data_dir", str(d), "--vocab_size", "50304")
+
+
+def foreign_checkpoint(path: Path) -> Path:
+    """A torch file that is not ours: a bare state dict, as other projects save."""
+    torch.save({"weight": torch.zeros(3, 3), "epoch": 7}, path)
+    return path
+
+
+def flipped(src: Path, dst: Path) -> Path:
+    """`src` with one byte of tensor data inverted: the archive still opens, a weight is silently wrong."""
+    data = bytearray(src.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def model_only_checkpoint(path: Path, claimed_n_embd: int = 16) -> Path:
+    """Weights, config and tokenizer of a 16-wide model (no training state); the config may claim another width."""
+    tok = get_tokenizer("char", text=TEXT)
+    fields = model_checkpoint_fields(GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2,
+                                                   n_embd=16)), tok)
+    fields["model_config"]["n_embd"] = claimed_n_embd
+    save_checkpoint(fields, path)
+    return path
+
+
+Case = Callable[[Path], tuple[Callable, list[str], list[str]]]
+CASES: dict[str, Case] = {
+    # data
+    "missing data dir": lambda s: (train_gpt2.main, shard_args(s, s / "no_such_dir"),
+                                   [str(s / "no_such_dir"), "fineweb.py"]),
+    "no train shards": lambda s: (train_gpt2.main, shard_args(s, _only_val(s)), [str(s / "shards"), "_train_"]),
+    "shard of the wrong dtype": lambda s: (
+        train_gpt2.main, shard_args(s, write_shards(s / "shards", np.arange(4000, dtype=np.int32))),
+        [str(s / "shards" / "edufineweb_train_000002.npy"), "uint16"]),
+    "truncated npy shard": lambda s: (train_gpt2.main, shard_args(s, _truncated(s)),
+                                      [str(s / "shards" / "edufineweb_train_000002.npy"), "fineweb.py"]),
+    "empty input.txt": lambda s: (train_gpt2.main, train_args(s, "--text_path", str(_empty(s))),
+                                  [str(s / "empty" / "input.txt")]),
+    "non-UTF-8 input.txt": lambda s: (train_gpt2.main, train_args(s, "--text_path", str(_latin1(s))),
+                                      [str(s / "latin1.txt"), "UTF-8"]),
+    # prompts
+    "sample prompt outside the char vocabulary": lambda s: (
+        train_gpt2.main, train_args(s, "--sample_prompt", "ROMEO: ¿qué?"), ["--sample_prompt", "'¿'"]),
+    "sample.py prompt outside the char vocabulary": lambda s: (
+        sample.main, ["--init", str(s / "run"), "--prompt", "ROMEO: ¿qué?", "--device", "cpu"], ["'¿'", "prompt"]),
+    # checkpoints
+    "resume with another model config": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", "auto", "--n_embd", "32"),
+        [str(s / "run" / "ckpt_0000004.pt"), "n_embd=16 (flags say 32)"]),
+    "checkpoint whose weights do not fit its config": lambda s: (
+        sample.main, ["--init", str(model_only_checkpoint(s / "mismatched.pt", 32)), "--device", "cpu"],
+        [str(s / "mismatched.pt"), "shape"]),
+    "resume from a checkpoint that is not ours": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(foreign_checkpoint(s / "foreign.pt"))),
+        [str(s / "foreign.pt"), "not a gpt2-repro checkpoint"]),
+    "init from a checkpoint that is not ours": lambda s: (
+        train_gpt2.main, train_args(s, "--init", str(foreign_checkpoint(s / "foreign.pt"))),
+        [str(s / "foreign.pt"), "not a gpt2-repro checkpoint"]),
+    "sample from a checkpoint that is not ours": lambda s: (
+        sample.main, ["--init", str(foreign_checkpoint(s / "foreign.pt")), "--device", "cpu"],
+        [str(s / "foreign.pt")]),
+    "resume from a bit-flipped checkpoint": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(flipped(s / "run" / "ckpt_0000004.pt", s / "flip.pt"))),
+        [str(s / "flip.pt"), "corrupt"]),
+    "resume from a truncated checkpoint": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(_cut(s / "run" / "ckpt_0000004.pt", s / "cut.pt"))),
+        [str(s / "cut.pt"), "truncated"]),
+    "sample from a bit-flipped checkpoint": lambda s: (
+        sample.main, ["--init", str(flipped(s / "run" / "ckpt_0000004.pt", s / "flip.pt")), "--device", "cpu"],
+        [str(s / "flip.pt"), "corrupt"]),
+    "resume from a model-only checkpoint": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(model_only_checkpoint(s / "weights.pt"))),
+        [str(s / "weights.pt"), "--init"]),
+    "fresh run into a run dir that has checkpoints": lambda s: (
+        train_gpt2.main, train_args(s), [str(s / "run"), "--resume"]),
+    "malformed HellaSwag line": lambda s: (
+        _hellaswag_main(), ["--jsonl", str(_bad_hellaswag(s)), "--model", str(s / "run"), "--device", "cpu"],
+        [f"{s / 'hellaswag.jsonl'}:2"]),
+    # flags
+    "unknown preset": lambda s: (train_gpt2.main, train_args(s, "--preset", "gpt3"), ["'gpt3'", "shakespeare-char"]),
+    "unknown flag": lambda s: (train_gpt2.main, train_args(s, "--max_step", "3"), ["--max_step", "--max_steps"]),
+    "flag value of the wrong type": lambda s: (train_gpt2.main, train_args(s, "--batch_size", "two"),
+                                               ["--batch_size", "'two'"]),
+    "B x T not dividing the total batch": lambda s: (
+        train_gpt2.main, train_args(s, "--total_batch_size", "100"), ["--total_batch_size", "use e.g. --"]),
+    "block_size above the model's": lambda s: (
+        train_gpt2.main, train_args(s, "--init", str(s / "run" / "ckpt_0000004.pt"), "--block_size", "32",
+                                    "--total_batch_size", "64"), ["--block_size 32", "16"]),
+}
+
+
+def _hellaswag_main() -> Callable:
+    return pytest.importorskip("hellaswag").main
+
+
+def _bad_hellaswag(s: Path) -> Path:
+    good = '{"ind": 0, "ctx": "He", "label": 1, "activity_label": "Roofing", "endings": ["a", "b", "c", "d"]}'
+    (s / "hellaswag.jsonl").write_text(good + "\n" + good[:40] + "\n")
+    return s / "hellaswag.jsonl"
+
+
+def _only_val(s: Path) -> Path:
+    d = s / "shards"
+    d.mkdir()
+    np.save(d / "edufineweb_val_000000.npy", np.arange(4000, dtype=np.uint16))
+    return d
+
+
+def _truncated(s: Path) -> Path:
+    d = write_shards(s / "shards", np.arange(4000, dtype=np.uint16))
+    shard = d / "edufineweb_train_000002.npy"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    return d
+
+
+def _empty(s: Path) -> Path:
+    (s / "empty").mkdir()
+    (s / "empty" / "input.txt").write_bytes(b"")
+    return s / "empty" / "input.txt"
+
+
+def _latin1(s: Path) -> Path:
+    (s / "latin1.txt").write_bytes(TEXT.replace("hello", "h\xe9llo").encode("latin-1"))
+    return s / "latin1.txt"
+
+
+def _cut(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return dst
+
+
+def error_line(main: Callable, argv: list[str], capsys) -> str:
+    """The one line a CLI exits with: its `sys.exit` message, or argparse's last stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code = e.value.code
+    if isinstance(code, str):
+        return code
+    assert code not in (0, None), "exited successfully"
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_in_one_line_and_nothing_is_lost(case, scratch, capsys):
+    main, argv, needles = CASES[case](scratch)
+    before = snapshot(scratch)
+    msg = error_line(main, argv, capsys)
+    assert "error: " in msg and "\n" not in msg and "Traceback" not in msg, msg
+    for needle in needles:
+        assert needle.lower() in msg.lower(), f"{needle!r} not in: {msg}"
+    after = snapshot(scratch)
+    assert sorted(after) == sorted(before), "files appeared or vanished"
+    changed = [name for name in before if before[name] != after[name]]
+    assert changed == [], f"modified: {changed}"
+
+
+def test_world_size_not_dividing_the_total_batch():
+    cfg = train_gpt2.parse_config(TINY + ["--text_path", "unused.txt", "--out_dir", "unused", "--total_batch_size",
+                                          "64"])
+    assert train_gpt2.grad_accum_steps(cfg, 1) == 2 and train_gpt2.grad_accum_steps(cfg, 2) == 1
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.grad_accum_steps(cfg, 3)
+    msg = str(e.value.code)
+    assert "--total_batch_size 64" in msg and "world_size" in msg and "2 x 16 x 3 = 96" in msg
+
+
+def test_malformed_hellaswag_line_names_file_and_line(tmp_path):
+    hellaswag = pytest.importorskip("hellaswag")
+    good = {"ind": 0, "ctx": "A man is sitting on a roof. He", "label": 1, "activity_label": "Roof shingle removal",
+            "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                        "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
+    import json
+
+    path = tmp_path / "hellaswag_val.jsonl"
+    lines = [json.dumps(good), json.dumps(good | {"ind": 1}), '{"ctx": "cut off mid-li']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:
+        hellaswag.load_examples(jsonl=path)
+    msg = str(e.value)
+    assert f"{path}:3" in msg and "\n" not in msg
+    missing = dict(good)
+    del missing["endings"]
+    path.write_text(json.dumps(good) + "\n" + json.dumps(missing) + "\n")
+    with pytest.raises(ValueError) as e:
+        hellaswag.load_examples(jsonl=path)
+    assert f"{path}:2" in str(e.value) and "endings" in str(e.value)
+
+
+def test_interpreter_prints_one_line_and_no_traceback(finished_run, tmp_path):
+    """Through `python train_gpt2.py` / `python sample.py`: non-zero exit, stderr ends with the message."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    text = finished_run / "text.txt"
+    runs = {
+        "missing data dir": ([str(ROOT / "train_gpt2.py"), *TINY, "--text_path", str(text), "--data", "shards",
+                              "--data_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "out")],
+                             str(tmp_path / "nope")),
+        "corrupt checkpoint": ([str(ROOT / "sample.py"), "--init",
+                                str(flipped(finished_run / "run" / "ckpt_0000004.pt", tmp_path / "flip.pt")),
+                                "--device", "cpu"], str(tmp_path / "flip.pt")),
+    }
+    procs = {name: subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, (argv, _) in runs.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (name, err)
+        assert "Traceback" not in err, (name, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and runs[name][1] in last, (name, last)
+    assert not (tmp_path / "out").exists()
