@@ -732,7 +732,7 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
         print_config(cfg)
-        print(f"{type(raw).__name__}: {raw.num_params():,} parameters, {tokenizer.name} tokenizer "
+        print(f"{type(raw).__name__}: {sum(p.numel() for p in raw.parameters()):,} parameters, {tokenizer.name} tokenizer "
               f"({tokenizer.vocab_size} tokens); device {d.device} x {d.world_size}, autocast {dtype}, "
               f"compile {cfg.compile}; {cfg.total_batch_size:,} tokens/step = {d.world_size} rank(s) x "
               f"{accum} micro-step(s) x {cfg.batch_size} x {cfg.block_size}")
