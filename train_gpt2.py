@@ -308,9 +308,14 @@ def read_text(path: str) -> str:
 
         ensure_shakespeare(p)  # the embedded default needs no set-up step
     try:
-        return p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         sys.exit(f"error: cannot read --text_path {path}: {e.strerror}; run `python prepare.py` or pass a file")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: --text_path {path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv")
+    if not text:
+        sys.exit(f"error: --text_path {path} is empty; run `python prepare.py` or pass a text file")
+    return text
 
 
 def build_data(
@@ -682,6 +687,11 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     tokenizer_hint = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt and cfg.data != "char" else None
     tokenizer, train_loader, val_loader = build_data(cfg, d, tokenizer_hint)
 
+    if cfg.num_samples > 0 and cfg.sample_prompt:
+        try:
+            tokenizer.encode(cfg.sample_prompt)
+        except ValueError as e:
+            sys.exit(f"error: --sample_prompt {cfg.sample_prompt!r}: {e}")
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, str(resume_path))
         if ckpt["tokenizer"] != tokenizer.to_dict():
@@ -703,6 +713,9 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     if cfg.block_size > model.config.block_size:
         sys.exit(f"error: --block_size {cfg.block_size} is above the model's context {model.config.block_size}; "
                  f"lower it")
+    if not cfg.resume and list_checkpoints(out_dir):
+        sys.exit(f"error: {out_dir} already has checkpoints ({list_checkpoints(out_dir)[-1].name}); continue it with "
+                 f"--resume auto, or pick a new --out_dir")
     model.to(d.device)
     raw = model  # evaluation, sampling and checkpoints use the plain module
 
@@ -732,7 +745,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
         print_config(cfg)
-        print(f"{type(raw).__name__}: {sum(p.numel() for p in raw.parameters()):,} parameters, {tokenizer.name} tokenizer "
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{type(raw).__name__}: {n_params:,} parameters, {tokenizer.name} tokenizer "
               f"({tokenizer.vocab_size} tokens); device {d.device} x {d.world_size}, autocast {dtype}, "
               f"compile {cfg.compile}; {cfg.total_batch_size:,} tokens/step = {d.world_size} rank(s) x "
               f"{accum} micro-step(s) x {cfg.batch_size} x {cfg.block_size}")
@@ -746,6 +760,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     del ckpt  # its tensors can be large
 
     val_loss, stopped, dt_ema = float("nan"), False, None
+    if start_step >= cfg.max_steps and d.master:
+        print(f"resume: already trained to step {start_step} (--max_steps {cfg.max_steps}); raise --max_steps to go on")
     step = start_step
     try:
         for step in range(start_step, cfg.max_steps + 1):
@@ -763,7 +779,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
                     if d.master:
                         print(f"step {step:6d} | hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f}")
             sample_due = cfg.sample_interval > 0 and step > 0 and step % cfg.sample_interval == 0
-            if d.master and (sample_due or last) and not resumed_here and cfg.num_samples > 0:
+            # a finished run resumed again still shows how it writes
+            if d.master and (sample_due or last) and (last or not resumed_here) and cfg.num_samples > 0:
                 for text in generate_samples(raw, tokenizer, cfg, d, step):
                     metrics.log(step, sample=text)
                     print(f"sample at step {step}:\n{text}\n", flush=True)
