@@ -1,0 +1,334 @@
+"""HellaSwag scoring: batched evaluator against a naive one-example scorer, ours against `transformers`, 2 ranks."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hellaswag
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig, load_model, model_checkpoint_fields
+from tokenizer import get_tokenizer, gpt2_encoding
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ("the man woman dog ball kitchen knife water slowly then carefully jumps runs pours cuts onto into over "
+         "a his her bowl field rope bike ladder paint wall brush smiles, laughs. Next; 3 cups (and) pan").split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_examples(n: int, seed: int = 0, ctx_words: tuple[int, int] = (1, 30)) -> list[dict]:
+    """Examples in the dataset's own format, with contexts and endings of varied lengths."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ctx_a, ctx_b = sentence(rng, ctx_words[0], ctx_words[1]), sentence(rng, 0, 4)
+        out.append({
+            "ind": 1000 + i, "activity_label": "Cooking", "ctx_a": ctx_a, "ctx_b": ctx_b,
+            "ctx": (ctx_a + " " + ctx_b).strip(), "endings": [sentence(rng, 1, 14) for _ in range(4)],
+            "label": rng.randrange(4), "split": "val", "split_type": "indomain", "source_id": f"src~{i}",
+        })
+    return out
+
+
+def write_jsonl(path, examples) -> str:
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    return str(path)
+
+
+def tiny_gpt(vocab: int = 50257, block_size: int = 128, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # random init leaves LayerNorms/biases trivial; perturb so everything matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def naive_scores(model, examples, vocab: int = 50257, crop_to: int | None = None):
+    """One example per forward, full logits, float64 log-softmax: the reference protocol written out plainly."""
+    enc = gpt2_encoding()
+    out = []
+    for ex in examples:
+        ctx = enc.encode_ordinary(ex["ctx"])
+        sums, means = [], []
+        for ending in ex["endings"]:
+            end = enc.encode_ordinary(" " + ending)
+            row = ctx + end
+            n_ctx = len(ctx)
+            if crop_to is not None and len(row) > crop_to:
+                row, n_ctx = row[len(row) - crop_to :], n_ctx - (len(row) - crop_to)
+            with torch.no_grad():
+                logits = model(torch.tensor([row]))
+                logits = logits[0] if isinstance(logits, tuple) else logits.logits
+            logp = F.log_softmax(logits[0, :, :vocab].double(), dim=-1)
+            losses = [-logp[p - 1, row[p]].item() for p in range(max(n_ctx, 1), len(row))]
+            sums.append(sum(losses))
+            means.append(sum(losses) / len(losses))
+        out.append((sums, means))
+    return out
+
+
+def assert_matches_naive(result, naive, tol=1e-5):
+    assert len(result["predictions"]) == len(naive)
+    for p, (sums, means) in zip(result["predictions"], naive, strict=True):
+        assert p["pred"] == min(range(4), key=lambda k: sums[k])
+        assert p["pred_norm"] == min(range(4), key=lambda k: means[k])
+        assert max(abs(a - b) for a, b in zip(p["sum_loss"], sums, strict=True)) <= tol
+        assert max(abs(a - b) for a, b in zip(p["mean_loss"], means, strict=True)) <= tol
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples(23)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt()
+
+
+@pytest.fixture(scope="module")
+def naive(model, examples):
+    return naive_scores(model, examples)
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def test_render_example_rows_and_mask(examples):
+    enc = gpt2_encoding()
+    ex = examples[0]
+    tokens, mask, label = hellaswag.render_example(ex, get_tokenizer("gpt2"))
+    ctx = enc.encode_ordinary(ex["ctx"])
+    assert label == ex["label"] and tokens.shape == mask.shape and tokens.size(0) == 4
+    for i, ending in enumerate(ex["endings"]):
+        end = enc.encode_ordinary(" " + ending)
+        assert tokens[i, : len(ctx) + len(end)].tolist() == ctx + end
+        assert tokens[i, len(ctx) + len(end) :].eq(0).all()
+        assert mask[i].tolist() == [0] * len(ctx) + [1] * len(end) + [0] * (tokens.size(1) - len(ctx) - len(end))
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_batched_matches_naive(model, examples, naive, batch_size):
+    result = hellaswag.evaluate(model, examples, batch_size=batch_size)
+    assert_matches_naive(result, naive)
+    labels = [ex["label"] for ex in examples]
+    assert result["num_total"] == len(examples)
+    assert result["num_correct"] == sum(p["pred"] == y for p, y in zip(result["predictions"], labels, strict=True))
+    assert result["num_correct_norm"] == sum(p["pred_norm"] == y
+                                             for p, y in zip(result["predictions"], labels, strict=True))
+    assert result["acc_norm"] == result["num_correct_norm"] / len(examples)
+    assert [p["index"] for p in result["predictions"]] == list(range(len(examples)))
+
+
+def test_generic_path_matches_naive(model, examples, naive):
+    """A model that is not our GPT is scored through the logits its forward returns."""
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, idx):
+            return self.inner(idx)
+
+    result = hellaswag.evaluate(LogitsOnly(model), examples[:8], batch_size=3)
+    assert_matches_naive(result, naive[:8])
+
+
+def test_padded_vocab_scores_only_tokenizer_ids(examples):
+    model = tiny_gpt(vocab=50304)
+    with torch.no_grad():  # give the 47 padding ids large logits: they must not enter the softmax
+        model.lm_head.weight[50257:] = torch.randn(47, 32) * 3.0
+    result = hellaswag.evaluate(model, examples[:6], batch_size=4)
+    assert_matches_naive(result, naive_scores(model, examples[:6], vocab=50257))
+    full_vocab = naive_scores(model, examples[:6], vocab=50304)
+    assert abs(result["predictions"][0]["sum_loss"][0] - full_vocab[0][0][0]) > 1e-2
+
+
+def test_context_cropped_to_block_size(examples):
+    model = tiny_gpt(block_size=24)
+    long = make_examples(6, seed=3, ctx_words=(20, 40))
+    result = hellaswag.evaluate(model, long, batch_size=4)
+    # the same oldest context tokens are dropped from all 4 rows, so the longest row is exactly 24 tokens
+    enc = gpt2_encoding()
+    for ex, p in zip(long, result["predictions"], strict=True):
+        longest = max(len(enc.encode_ordinary(" " + e)) for e in ex["endings"])
+        ctx = enc.encode_ordinary(ex["ctx"])[-(24 - longest) :]
+        cropped = dict(ex, ctx=enc.decode(ctx))
+        if enc.encode_ordinary(cropped["ctx"]) != ctx:
+            continue  # the cropped tokens do not survive a decode/encode round trip
+        ref = naive_scores(model, [cropped])[0]
+        assert max(abs(a - b) for a, b in zip(p["sum_loss"], ref[0], strict=True)) <= 1e-5
+
+
+def test_ours_and_transformers_give_same_predictions(tmp_path, examples):
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path)
+    ours, tokenizer = load_model(str(tmp_path))
+    a = hellaswag.evaluate(ours.eval(), examples, tokenizer, batch_size=8)
+    b = hellaswag.evaluate(hf, examples, tokenizer, batch_size=8)
+    assert [p["pred"] for p in a["predictions"]] == [p["pred"] for p in b["predictions"]]
+    assert [p["pred_norm"] for p in a["predictions"]] == [p["pred_norm"] for p in b["predictions"]]
+    for pa, pb in zip(a["predictions"], b["predictions"], strict=True):
+        assert max(abs(x - y) for x, y in zip(pa["sum_loss"], pb["sum_loss"], strict=True)) <= 1e-4
+
+
+def test_bf16_autocast_close_to_fp32(model, examples, naive):
+    result = hellaswag.evaluate(model, examples[:8], batch_size=8, dtype=torch.bfloat16)
+    for p, (sums, _) in zip(result["predictions"], naive, strict=False):
+        assert max(abs(a - b) / b for a, b in zip(p["sum_loss"], sums, strict=True)) <= 2e-2
+
+
+def test_restores_training_mode_and_unwraps(model, examples, naive):
+    class Wrapper(torch.nn.Module):  # stands in for DDP's `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model.train()
+    result = hellaswag.evaluate(Wrapper(model), examples[:4], batch_size=2)
+    assert model.training
+    model.eval()
+    assert_matches_naive(result, naive[:4])
+
+
+def test_char_tokenizer_refused(model, examples):
+    with pytest.raises(hellaswag.HellaSwagError, match="GPT-2 tokenizer"):
+        hellaswag.evaluate(model, examples[:2], get_tokenizer("char", text="abc "))
+
+
+def test_unlabelled_examples_predicted_not_counted(model, examples):
+    unlabelled = [{k: v for k, v in ex.items() if k != "label"} for ex in examples[:3]]
+    result = hellaswag.evaluate(model, unlabelled + examples[3:5])
+    assert result["num_total"] == 2 and len(result["predictions"]) == 5
+
+
+# -----------------------------------------------------------------------------
+# 2 ranks over gloo
+
+
+def _rank_main(rank: int, init_file: str, examples: list[dict], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = hellaswag.evaluate(tiny_gpt(), examples, batch_size=4, rank=rank, world_size=2)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_rank_gloo_matches_one_process(tmp_path, model, examples):
+    mp.spawn(_rank_main, args=(str(tmp_path / "init"), examples, str(tmp_path)), nprocs=2, join=True)
+    single = hellaswag.evaluate(model, examples, batch_size=4)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    keys = ("num_correct", "num_correct_norm", "num_total", "acc", "acc_norm")
+    for r in ranks:
+        assert {k: r[k] for k in keys} == {k: single[k] for k in keys}
+    shards = sorted(ranks[0]["predictions"] + ranks[1]["predictions"], key=lambda p: p["index"])
+    assert len(ranks[0]["predictions"]) == 12 and len(ranks[1]["predictions"]) == 11
+    assert [(p["pred"], p["pred_norm"]) for p in shards] == [(p["pred"], p["pred_norm"])
+                                                            for p in single["predictions"]]
+
+
+def test_world_size_without_process_group_refused(model, examples):
+    with pytest.raises(ValueError, match="process group"):
+        hellaswag.evaluate(model, examples, rank=1, world_size=2)
+
+
+# -----------------------------------------------------------------------------
+# data and command line
+
+
+def test_load_examples_from_jsonl_and_limit(tmp_path, examples):
+    path = write_jsonl(tmp_path / "hs.jsonl", examples)
+    assert hellaswag.load_examples(jsonl=path) == examples
+    assert hellaswag.load_examples(jsonl=path, limit=5) == examples[:5]
+
+
+def test_cached_split_is_read_without_download(tmp_path, examples, monkeypatch):
+    write_jsonl(tmp_path / "hellaswag_val.jsonl", examples)
+    monkeypatch.setattr(hellaswag, "DATA_URL", "file:///nonexistent/{split}")
+    assert hellaswag.load_examples("val", data_dir=tmp_path, limit=3) == examples[:3]
+
+
+def test_download_goes_to_data_dir(tmp_path, examples, monkeypatch):
+    src = tmp_path / "remote"
+    src.mkdir()
+    write_jsonl(src / "hellaswag_train.jsonl", examples)
+    monkeypatch.setattr(hellaswag, "DATA_URL", f"file://{src}/hellaswag_{{split}}.jsonl")
+    got = hellaswag.load_examples("train", data_dir=tmp_path / "cache")
+    assert got == examples and (tmp_path / "cache" / "hellaswag_train.jsonl").is_file()
+
+
+def test_offline_without_file_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(hellaswag, "DATA_URL", "file:///nonexistent/hellaswag_{split}.jsonl")
+    with pytest.raises(hellaswag.HellaSwagError) as e:
+        hellaswag.load_examples("val", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "hellaswag_val.jsonl") in msg and "--jsonl" in msg
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("{not json", "not valid JSON"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": 0}', "'endings'"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}', "'label'"),
+    ('{"endings": ["b", "c", "d", "e"], "label": 1}', "'ctx'"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, examples, bad, needle):
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(examples[0]) + "\n" + json.dumps(examples[1]) + "\n" + bad + "\n")
+    with pytest.raises(hellaswag.HellaSwagError, match=needle) as e:
+        hellaswag.load_examples(jsonl=path)
+    assert str(e.value).startswith(f"{path}:3:")
+
+
+def test_cli_on_checkpoint_prints_metrics_and_references(tmp_path, model, examples, capsys):
+    ckpt = tmp_path / "ckpt_0000010.pt"
+    save_checkpoint(model_checkpoint_fields(model, get_tokenizer("gpt2")), ckpt)
+    data = write_jsonl(tmp_path / "hs.jsonl", examples)
+    preds = tmp_path / "preds.jsonl"
+    hellaswag.main(["--model", str(ckpt), "--jsonl", data, "--limit", "10", "--batch_size", "4", "--device", "cpu",
+                    "--predictions", str(preds)])
+    out = capsys.readouterr().out
+    expected = hellaswag.evaluate(model, examples[:10], batch_size=4)
+    assert f"acc      {expected['acc']:.4f}" in out and f"acc_norm {expected['acc_norm']:.4f}" in out
+    assert "0.2955" in out and "31.14" in out and "50.89" in out and "Harness" in out
+    written = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [p["pred"] for p in written] == [p["pred"] for p in expected["predictions"]]
+
+
+def test_cli_char_checkpoint_is_a_clear_error(tmp_path, examples):
+    torch.manual_seed(0)
+    tok = get_tokenizer("char", text="abcdefgh ")
+    char_model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    ckpt = tmp_path / "ckpt_0000001.pt"
+    save_checkpoint(model_checkpoint_fields(char_model, tok), ckpt)
+    data = write_jsonl(tmp_path / "hs.jsonl", examples[:2])
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["--model", str(ckpt), "--jsonl", data, "--device", "cpu"])
+    assert str(e.value).startswith("error:") and "char" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nan_when_nothing_labelled(model, examples):
+    result = hellaswag.evaluate(model, [{k: v for k, v in examples[0].items() if k != "label"}])
+    assert math.isnan(result["acc"]) and result["num_total"] == 0
