@@ -98,11 +98,11 @@ def tokenizer_info() -> dict:
 def tokenize_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """EOT + GPT-2 tokens of each text, concatenated as uint16, and each document's token count (EOT included)."""
     enc = gpt2_encoding()
-    docs = [enc.encode_ordinary(t) for t in texts]
+    # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary, minus the Python int list
+    docs = [enc.encode_to_numpy(t, disallowed_special=()) for t in texts]
     lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
-    # one pass from Python ints straight into a flat array: no per-document arrays, no int64 copy
-    flat = np.fromiter(chain.from_iterable(chain((GPT2_EOT,), d) for d in docs), dtype=np.uint32,
-                       count=int(lengths.sum()))
+    eot = np.array([GPT2_EOT], dtype=np.uint32)
+    flat = np.concatenate([a for d in docs for a in (eot, d)]) if docs else np.empty(0, np.uint32)
     if flat.size and int(flat.max()) >= 1 << 16:
         raise FinewebError(f"token id {int(flat.max())} does not fit in uint16; the tokenizer is not GPT-2's")
     return flat.astype(DTYPE), lengths
@@ -218,6 +218,9 @@ def document_batches(ds, cfg: JobConfig, start_doc: int) -> Iterator[list[str]]:
         ds = ds.skip(start_doc)
     doc = start_doc
     for batch in ds.iter(batch_size=BATCH_DOCS):
+        if cfg.text_column not in batch:
+            raise FinewebError(f"the corpus has no column {cfg.text_column!r} (columns: {', '.join(batch)}); "
+                               "pass --text_column")
         texts = batch[cfg.text_column]
         for i, t in enumerate(texts):
             if not isinstance(t, str):

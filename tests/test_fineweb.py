@@ -295,3 +295,20 @@ def test_training_loader_reads_the_shards(corpus, finished):
     val = data.ShardedTokenLoader(finished, "val", B, T)
     x, _ = val.next_batch()
     np.testing.assert_array_equal(x.numpy().ravel(), ref[: B * T])
+
+
+def test_ids_beyond_uint16_and_non_uint16_shards_are_refused(finished, tmp_path, monkeypatch):
+    class WideTokenizer:  # a vocabulary too big for uint16
+        def encode_to_numpy(self, text, **kwargs):
+            return np.array([1, 70_000], dtype=np.uint32)
+
+    monkeypatch.setattr(fineweb, "gpt2_encoding", lambda: WideTokenizer())
+    with pytest.raises(fineweb.FinewebError, match="70000 does not fit in uint16"):
+        fineweb.tokenize_documents(["a"])
+    out = tmp_path / "copy"
+    out.mkdir()
+    for p in [*shard_files(finished), finished / "manifest.json"]:
+        (out / p.name).write_bytes(p.read_bytes())
+    wide = shard_files(out)[2]
+    np.save(wide, np.load(wide).astype(np.int32))
+    assert fineweb.verify(out) == [f"{wide}: 1-D int32, expected 1-D uint16"]
