@@ -494,6 +494,7 @@ def run(cfg: JobConfig) -> dict:
     bar = tqdm(total=n_docs, initial=start.doc, unit="doc", unit_scale=True, dynamic_ncols=True, mininterval=1.0,
                desc=f"tokenizing -> {out_dir}")
     t0, new_tokens = time.perf_counter(), 0
+    log = tqdm.write if sys.stderr.isatty() else print  # beside a live bar on a terminal, plain lines in a log
 
     def finish_shard(next_pos: Position) -> None:
         entry = writer.close()
@@ -504,7 +505,7 @@ def run(cfg: JobConfig) -> dict:
         except DiskFullError:
             (out_dir / entry["file"]).unlink(missing_ok=True)  # keep the directory exactly what the manifest lists
             raise
-        tqdm.write(f"wrote {entry['file']}: {entry['tokens']:,} tokens, {entry['documents']:,} documents")
+        log(f"wrote {entry['file']}: {entry['tokens']:,} tokens, {entry['documents']:,} documents")
 
     batches = tokenized_batches(document_batches(ds, cfg, start.doc), num_proc)
     try:
@@ -629,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     if verify_only:
         problems = verify(cfg.out_dir)
         if problems:
-            print("\n".join(problems))
+            print("\n".join(problems), flush=True)
             sys.exit(f"error: {len(problems)} problem(s) in {cfg.out_dir}")
         m = read_manifest(Path(cfg.out_dir))
         print(f"ok: {len(m['shards'])} shards, {m['total_tokens']:,} tokens in {cfg.out_dir} match {MANIFEST}")

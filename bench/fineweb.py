@@ -188,15 +188,6 @@ def run(quick: bool = False) -> list[Row]:
                 Row("fineweb", f"fineweb.py peak PSS, shard {size / 1e6:g}M", mem["ours", size] / 1e6, "MB",
                     "reference method", mem["ours", size] / mem["ref", size]),
             ]
-        if not quick:  # the reference script's own default: half the cores
-            shipped = max(1, (os.cpu_count() or 1) // 2)
-            size = shard_sizes[0]
-            ship_s, _, _ = reference(tmp / "ref_shipped", size, shipped)
-            ours_s, _, _ = ours(tmp / "ours_again", size)
-            rows += [Row("fineweb", f"reference method as shipped, Pool({shipped}), shard {size / 1e6:g}M", n / ship_s,
-                         "tok/s"),
-                     Row("fineweb", f"fineweb.py, {num_proc} proc (default: all cores), shard {size / 1e6:g}M",
-                         n / ours_s, "tok/s", "as shipped", ship_s / ours_s)]
         if len(shard_sizes) > 1:
             small, big = shard_sizes[0], shard_sizes[-1]
             for who, name in (("ref", "reference method"), ("ours", "fineweb.py")):
