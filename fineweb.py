@@ -409,8 +409,11 @@ def check_disk_space(out_dir: Path, n_bytes: int | None, n_docs: int | None, rem
                            "free space, pick another --out_dir, or cap the run with --max_tokens")
 
 
-def tokenized_batches(batches: Iterator[list[str]], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`tokenize_documents` of each batch, in order, on `num_proc` spawned processes, a few batches in flight."""
+def tokenized_batches(batches: Iterator[list[str]], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """`tokenize_documents` of each batch plus its document count, in order.
+
+    Runs on `num_proc` spawned processes with a few batches in flight.
+    """
     if num_proc <= 1:
         for texts in batches:
             yield (*tokenize_documents(texts), len(texts))
@@ -441,60 +444,44 @@ def position_in_batch(lengths: np.ndarray, first_doc: int, j: int) -> Position:
     return Position(first_doc + k, j - int(ends[k] - lengths[k]))
 
 
-def run(cfg: JobConfig) -> dict:
-    """Tokenize the corpus into shards in `cfg.out_dir` (resuming a previous run); returns the manifest."""
+def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None]:
+    """The manifest of this job with the finished shards kept, where to start, and the previous manifest."""
     if cfg.shard_size < 1:
         raise FinewebError(f"--shard_size must be positive, got {cfg.shard_size}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise FinewebError(f"--max_tokens must be positive, got {cfg.max_tokens}")
     out_dir = Path(cfg.out_dir)
-    num_proc = cfg.num_proc or default_num_proc()
     old = read_manifest(out_dir)
     if old is None and out_dir.is_dir() and any(out_dir.glob(f"{cfg.prefix}_*.npy")):
         raise FinewebError(f"{out_dir} holds {cfg.prefix}_*.npy shards but no {MANIFEST} (written by another "
                            "tool?); pick a new --out_dir or move them away")
-    files = resolve_data_files(cfg.data_files) if cfg.data_files else []
     if not files and cfg.revision is None:
         # pin the dataset: reuse the commit an earlier run recorded, or the hub's current one
-        recorded = (old or {}).get("source", {}).get("revision")
-        cfg.revision = recorded or resolve_revision(cfg)
+        cfg.revision = (old or {}).get("source", {}).get("revision") or resolve_revision(cfg)
     tok = tokenizer_info()
+    if tok["n_vocab"] > 1 << 16:
+        raise FinewebError(f"the tokenizer has {tok['n_vocab']} ids; uint16 shards hold at most 65,536")
     manifest = {"format": MANIFEST_FORMAT, "source": describe_source(cfg, files), "tokenizer": tok,
                 "dtype": "uint16", "prefix": cfg.prefix, "shard_size": cfg.shard_size, "max_tokens": cfg.max_tokens,
                 "shards": [], "next": asdict(Position()), "complete": False}
-    if tok["n_vocab"] > 1 << 16:
-        raise FinewebError(f"the tokenizer has {tok['n_vocab']} ids; uint16 shards hold at most 65,536")
-    start = Position()
-    if old is not None:
-        if job_identity(old) != job_identity(manifest):
-            diff = [k for k, v in job_identity(manifest).items() if job_identity(old)[k] != v]
-            raise FinewebError(f"{out_dir / MANIFEST} is from a different job ({', '.join(diff)} differ); "
-                               "re-run with the same options, or pick a new --out_dir")
-        manifest["shards"], start = resume_state(out_dir, old)
-        if old.get("complete") and len(manifest["shards"]) == len(old["shards"]):
-            print(f"nothing to do: {out_dir} already holds the {len(old['shards'])} shards of this job "
-                  f"({old['total_tokens']:,} tokens); `python fineweb.py --verify --out_dir {out_dir}` checks them")
-            return old
-        if manifest["shards"]:
-            print(f"resuming: keeping {len(manifest['shards'])} finished shards, going on from document {start.doc:,}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out_dir, cfg.prefix)
+    if old is None:
+        return manifest, Position(), None
+    if job_identity(old) != job_identity(manifest):
+        diff = [k for k, v in job_identity(manifest).items() if job_identity(old)[k] != v]
+        raise FinewebError(f"{out_dir / MANIFEST} is from a different job ({', '.join(diff)} differ); "
+                           "re-run with the same options, or pick a new --out_dir")
+    manifest["shards"], start = resume_state(out_dir, old)
+    return manifest, start, old
 
-    ds = load_corpus(cfg, files, num_proc)
-    n_docs = None if cfg.streaming else len(ds)
-    done_tokens = sum(s["tokens"] for s in manifest["shards"])
-    remaining = None if cfg.max_tokens is None else cfg.max_tokens - done_tokens
-    n_bytes = text_bytes(ds, cfg, files)
-    if n_bytes is not None and n_docs:  # only what is left to do
-        n_bytes = int(n_bytes * max(0, n_docs - start.doc) / n_docs)
-    check_disk_space(out_dir, n_bytes, n_docs, remaining, cfg.shard_size)
-    write_manifest(out_dir, manifest)
 
+def write_shards(ds, cfg: JobConfig, manifest: dict, start: Position, num_proc: int, n_docs: int | None) -> int:
+    """Tokenize from `start` on and cut the stream into shards, recording each in the manifest; new tokens."""
+    out_dir = Path(cfg.out_dir)
     writer = ShardWriter(out_dir, cfg.prefix, cfg.shard_size)
     bar = tqdm(total=n_docs, initial=start.doc, unit="doc", unit_scale=True, dynamic_ncols=True, mininterval=1.0,
                desc=f"tokenizing -> {out_dir}")
-    t0, new_tokens = time.perf_counter(), 0
     log = tqdm.write if sys.stderr.isatty() else print  # beside a live bar on a terminal, plain lines in a log
+    t0, new_tokens = time.perf_counter(), 0
 
     def finish_shard(next_pos: Position) -> None:
         entry = writer.close()
@@ -507,10 +494,11 @@ def run(cfg: JobConfig) -> dict:
             raise
         log(f"wrote {entry['file']}: {entry['tokens']:,} tokens, {entry['documents']:,} documents")
 
+    done = sum(s["tokens"] for s in manifest["shards"])
+    budget = cfg.max_tokens - done if cfg.max_tokens is not None else float("inf")
     batches = tokenized_batches(document_batches(ds, cfg, start.doc), num_proc)
     try:
         doc, skip = start.doc, start.offset
-        budget = remaining if remaining is not None else float("inf")
         for tokens, lengths, n in batches:
             i = skip  # a resumed run drops the part of its first document that earlier shards hold
             skip = 0
@@ -527,7 +515,7 @@ def run(cfg: JobConfig) -> dict:
             bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0) / 1e6:.2f}M tok/s", refresh=False)
             if budget <= 0:
                 break
-        if writer.file is not None:
+        if writer.file is not None:  # the last, shorter shard
             finish_shard(Position(doc, 0) if budget > 0 else position_in_batch(lengths, doc - n, i))
     except BaseException:
         writer.discard()
@@ -535,15 +523,44 @@ def run(cfg: JobConfig) -> dict:
     finally:
         batches.close()  # stops the worker processes now, also on errors and Ctrl-C
         bar.close()
+    return new_tokens
+
+
+def run(cfg: JobConfig) -> dict:
+    """Tokenize the corpus into shards in `cfg.out_dir` (resuming a previous run); returns the manifest."""
+    out_dir = Path(cfg.out_dir)
+    files = resolve_data_files(cfg.data_files) if cfg.data_files else []
+    manifest, start, old = plan(cfg, files)
+    if old is not None and old.get("complete") and len(manifest["shards"]) == len(old["shards"]):
+        print(f"nothing to do: {out_dir} already holds the {len(old['shards'])} shards of this job "
+              f"({old['total_tokens']:,} tokens); `python fineweb.py --verify --out_dir {out_dir}` checks them")
+        return old
+    if manifest["shards"]:
+        print(f"resuming: keeping {len(manifest['shards'])} finished shards, going on from document {start.doc:,}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir, cfg.prefix)
+
+    num_proc = cfg.num_proc or default_num_proc()
+    ds = load_corpus(cfg, files, num_proc)
+    n_docs = None if cfg.streaming else len(ds)
+    n_bytes = text_bytes(ds, cfg, files)
+    if n_bytes is not None and n_docs:  # only what is left to do
+        n_bytes = int(n_bytes * max(0, n_docs - start.doc) / n_docs)
+    done = sum(s["tokens"] for s in manifest["shards"])
+    check_disk_space(out_dir, n_bytes, n_docs, None if cfg.max_tokens is None else cfg.max_tokens - done,
+                     cfg.shard_size)
+    write_manifest(out_dir, manifest)
+
+    t0 = time.perf_counter()
+    new_tokens = write_shards(ds, cfg, manifest, start, num_proc, n_docs)
     if not manifest["shards"]:
         raise FinewebError("the corpus has no documents; nothing written")
     manifest["complete"] = True
     manifest["total_tokens"] = sum(s["tokens"] for s in manifest["shards"])
     manifest["total_documents"] = sum(s["documents"] for s in manifest["shards"])
     write_manifest(out_dir, manifest)
-    dt = time.perf_counter() - t0
     print(f"done: {len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens in {out_dir} "
-          f"({new_tokens / max(dt, 1e-9) / 1e6:.2f}M tok/s this run)")
+          f"({new_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s this run)")
     if len(manifest["shards"]) == 1:
         print("note: one shard only, so every token is in the val split; a smaller --shard_size gives train shards")
     return manifest
