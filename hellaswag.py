@@ -55,6 +55,13 @@ def default_data_dir() -> Path:
     return cache_dir() / "hellaswag"
 
 
+def cached_path(split: str, data_dir: str | Path | None = None) -> Path:
+    """Where `hellaswag_{split}.jsonl` is kept (it may not be there yet)."""
+    if split not in SPLITS:
+        raise HellaSwagError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return Path(data_dir or default_data_dir()) / f"hellaswag_{split}.jsonl"
+
+
 def download(split: str, dest: Path) -> Path:
     """Fetch `hellaswag_{split}.jsonl` to `dest` (atomically), with a progress bar."""
     url = DATA_URL.format(split=split)
@@ -119,9 +126,7 @@ def load_examples(
     """The first `limit` examples of `jsonl`, or of `split` from `data_dir` (downloaded there if absent)."""
     if jsonl is not None:
         return read_jsonl(jsonl, limit)
-    if split not in SPLITS:
-        raise HellaSwagError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    path = Path(data_dir or default_data_dir()) / f"hellaswag_{split}.jsonl"
+    path = cached_path(split, data_dir)
     if not path.is_file():
         download(split, path)
     return read_jsonl(path, limit)
@@ -166,6 +171,10 @@ def _fit_context(ctx: list[int], endings: list[list[int]], block_size: int, wher
     return ctx[max(0, len(ctx) + longest - block_size) :]
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
 def _ending_losses(
     logits_of, hidden: torch.Tensor, pred_at: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,26 +186,24 @@ def _ending_losses(
     losses = torch.cat([F.cross_entropy(logits_of(c).float(), t, reduction="none")
                         for c, t in zip(h.split(LM_HEAD_CHUNK), targets.split(LM_HEAD_CHUNK), strict=True)])
     # float64 sums: adding up ~10-30 float32 losses of ~10 each would otherwise cost about 1e-5 in the total
-    losses = losses.to(torch.float64 if hidden.device.type != "mps" else torch.float32)
+    losses = losses.to(_sum_dtype(hidden.device))
     sums = torch.zeros(n_rows, dtype=losses.dtype, device=hidden.device).index_add_(0, rows, losses)
     counts = torch.zeros(n_rows, dtype=losses.dtype, device=hidden.device).index_add_(0, rows, torch.ones_like(losses))
     return sums, counts
 
 
 def _ending_targets(
-    ctx_lens: list[int], endings: list[list[int]], offset: int, device
+    starts: list[int], endings: list[list[int]], device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, predicting positions, target tokens) for every scored ending token.
 
-    Row r holds `ctx[offset:] + ending` of example r // 4 (ctx length `ctx_lens[r // 4]`), preceded by one more
-    position when `offset` > 0; the token at position p is predicted at p - 1, so the first token of a row
-    with nothing before it is not scored (as in the reference).
+    Ending `endings[r]` starts at position `starts[r]` of row r; the token at position p is predicted at
+    p - 1, so the first token of a row with nothing before it is not scored (as in the reference).
     """
     rows, pred_at, targets = [], [], []
-    for r, end in enumerate(endings):
-        start = ctx_lens[r // NUM_ENDINGS] - offset + (1 if offset > 0 else 0)  # position of the ending's first token
+    for r, (start, end) in enumerate(zip(starts, endings, strict=True)):
         for j, tok in enumerate(end):
-            if start + j - 1 >= 0:
+            if start + j >= 1:
                 rows.append(r)
                 pred_at.append(start + j - 1)
                 targets.append(tok)
@@ -211,41 +218,51 @@ def _pad(rows: list[list[int]], device) -> torch.Tensor:
     return out.to(device)
 
 
-def _score_gpt(model: GPT, batch: list[tuple[list[int], list[list[int]]]], vocab_size: int, device,
-               cache_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+Batch = list[tuple[list[int], list[list[int]]]]  # (context tokens, the 4 endings' tokens) per example
+
+
+def _score_gpt(model: GPT, batch: Batch, vocab_size: int, device, cache_dtype: torch.dtype) -> tuple[
+        torch.Tensor, torch.Tensor]:
     """Our GPT: the context prefix common to the batch runs once per example, not once per ending.
 
     With S the shortest context in the batch, every example's first S context tokens go through the model as
-    one row (B, S), filling a KV cache; the cache is repeated for the 4 endings, and each ending row continues
-    with the rest of its context and the ending (4B, ·), right-padded. Exactly the reference rows' results.
+    one row (B, S), filling a KV cache. Each ending row then continues from its example's cache with the rest
+    of its context and the ending; these rows run shortest first, `B` at a time, so little is padding.
+    The results are those of the full rows.
     """
     B = len(batch)
     S = min(len(ctx) for ctx, _ in batch)
+    if S == 0:  # an empty context: nothing to share
+        return _score_any(model, batch, vocab_size, device)
+    prefix = torch.tensor([ctx[:S] for ctx, _ in batch], dtype=torch.long, device=device)
+    prefix_cache = KVCache(model.config, B, S, device, cache_dtype)
+    last = model.hidden_states(prefix, prefix_cache)[:, -1:]  # predicts each row's first suffix token
     suffixes = [ctx[S:] + end for ctx, ends in batch for end in ends]
-    rows, pred_at, targets = _ending_targets([len(ctx) for ctx, _ in batch], [e for _, es in batch for e in es],
-                                             S, device)
-    idx = _pad(suffixes, device)
-    if S == 0:
-        hidden = model.hidden_states(idx)
-    else:
-        prefix = torch.tensor([ctx[:S] for ctx, _ in batch], dtype=torch.long, device=device)
-        prefix_cache = KVCache(model.config, B, S, device, cache_dtype)
-        last = model.hidden_states(prefix, prefix_cache)[:, -1:]  # predicts each row's first suffix token
-        cache = KVCache(model.config, NUM_ENDINGS * B, S + idx.size(1), device, cache_dtype)
-        cache.k[:, :, :, :S] = prefix_cache.k.repeat_interleave(NUM_ENDINGS, dim=1)
-        cache.v[:, :, :, :S] = prefix_cache.v.repeat_interleave(NUM_ENDINGS, dim=1)
+    starts = [len(ctx) - S + 1 for ctx, ends in batch for _ in ends]  # +1: the prefix's last position comes first
+    endings = [end for _, ends in batch for end in ends]
+    sums = torch.zeros(len(suffixes), dtype=_sum_dtype(device), device=device)
+    counts = torch.zeros_like(sums)
+    for chunk in _batches(sorted(range(len(suffixes)), key=lambda r: len(suffixes[r])), B):
+        example = torch.tensor([r // NUM_ENDINGS for r in chunk], dtype=torch.long, device=device)
+        idx = _pad([suffixes[r] for r in chunk], device)
+        cache = KVCache(model.config, len(chunk), S + idx.size(1), device, cache_dtype)
+        cache.k[:, :, :, :S] = prefix_cache.k[:, example]
+        cache.v[:, :, :, :S] = prefix_cache.v[:, example]
         cache.pos = S
-        suffix_hidden = model.hidden_states(idx, cache)
-        hidden = torch.cat([last.repeat_interleave(NUM_ENDINGS, dim=0).to(suffix_hidden.dtype), suffix_hidden], 1)
-    return _ending_losses(lambda h: model.lm_head(h)[:, :vocab_size], hidden, pred_at, targets, rows, len(suffixes))
+        h = model.hidden_states(idx, cache)
+        hidden = torch.cat([last[example].to(h.dtype), h], dim=1)
+        rows, pred_at, targets = _ending_targets([starts[r] for r in chunk], [endings[r] for r in chunk], device)
+        s, c = _ending_losses(lambda x: model.lm_head(x)[:, :vocab_size], hidden, pred_at, targets, rows, len(chunk))
+        where = torch.tensor(chunk, dtype=torch.long, device=device)
+        sums[where], counts[where] = s.to(sums.dtype), c.to(counts.dtype)
+    return sums, counts
 
 
-def _score_any(model: torch.nn.Module, batch: list[tuple[list[int], list[list[int]]]], vocab_size: int,
-               device) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_any(model: torch.nn.Module, batch: Batch, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Any model whose forward gives logits (ours returns a tuple, `transformers` an object with `.logits`)."""
     rows_tokens = [ctx + end for ctx, ends in batch for end in ends]
-    rows, pred_at, targets = _ending_targets([len(ctx) for ctx, _ in batch], [e for _, es in batch for e in es],
-                                             0, device)
+    starts = [len(ctx) for ctx, ends in batch for _ in ends]
+    rows, pred_at, targets = _ending_targets(starts, [end for _, ends in batch for end in ends], device)
     out = model(_pad(rows_tokens, device))
     logits = out[0] if isinstance(out, tuple) else out.logits
     return _ending_losses(lambda x: x[:, :vocab_size], logits, pred_at, targets, rows, len(rows_tokens))

@@ -147,6 +147,13 @@ def test_generic_path_matches_naive(model, examples, naive):
     assert_matches_naive(result, naive[:8])
 
 
+def test_empty_context_matches_naive(model, examples):
+    """Nothing to share: the first ending token has no prediction and is left out, as in the reference."""
+    mixed = [dict(examples[0], ctx="")] + examples[1:4]
+    result = hellaswag.evaluate(model, mixed, batch_size=4)
+    assert_matches_naive(result, naive_scores(model, mixed))
+
+
 def test_padded_vocab_scores_only_tokenizer_ids(examples):
     model = tiny_gpt(vocab=50304)
     with torch.no_grad():  # give the 47 padding ids large logits: they must not enter the softmax
