@@ -147,6 +147,17 @@ def test_jsonl_streaming_one_process_max_tokens(corpus, tmp_path):
     assert fineweb.verify(out) == []
 
 
+def test_txt_files_are_one_document_each(tmp_path):
+    texts = ["First file.\nline two\n", "Second  file\n\n\nend ", "naïve café 🙂"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(t)
+    out = tmp_path / "shards"
+    fineweb.main(["--data_files", str(tmp_path / "*.txt"), "--out_dir", str(out), "--shard_size", "8",
+                  "--num_proc", "1"])
+    got = np.concatenate([np.load(p) for p in shard_files(out)])
+    np.testing.assert_array_equal(got, reference_tokens(texts))
+
+
 def test_tokenize_documents_matches_naive_loop(corpus):
     docs = corpus["docs"][:50]
     flat, lengths = fineweb.tokenize_documents(docs)
