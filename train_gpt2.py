@@ -11,6 +11,13 @@ Every `TrainConfig` field is a flag `--field value`; `--preset NAME` picks a nam
 given on the command line override it. A run directory holds `config.json`, `metrics.jsonl` (one JSON
 object per event) and `ckpt_{step:07d}.pt` checkpoints. SIGINT/SIGTERM writes a checkpoint at the next
 step boundary and exits 0.
+
+Several nodes (here 2 x 8 GPUs): run on every node, with HOST0 reachable from all of them,
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=gpt2 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \\
+        train_gpt2.py --resume auto
+NCCL picks its transport itself; NCCL_SOCKET_IFNAME=eth0 names the network interface between nodes,
+NCCL_IB_DISABLE=1 turns InfiniBand off where it is absent or broken, NCCL_DEBUG=INFO shows what it chose.
+With `--resume auto` a job restarted by torchrun (`--max-restarts`) continues from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ class TrainConfig:
     wandb_project: str = "gpt2-repro"
     # run directory and checkpoints
     out_dir: str = ""  # "" = out/PRESET
-    ckpt_interval: int = 5000
+    ckpt_interval: int = 5000  # also at the last step; 0 = only when stopped by a signal
     keep_last: int = 3  # checkpoints kept in out_dir; 0 = all
     resume: str = ""  # "" (fresh) | auto (newest valid checkpoint in out_dir, or fresh) | PATH
     # system
@@ -785,7 +792,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
                     metrics.log(step, sample=text)
                     print(f"sample at step {step}:\n{text}\n", flush=True)
             stopped = stop.agreed(d)
-            if step > start_step and (step % cfg.ckpt_interval == 0 or last or stopped):
+            periodic = cfg.ckpt_interval > 0 and (step % cfg.ckpt_interval == 0 or last)
+            if step > start_step and (periodic or stopped):
                 if d.master:
                     ckpt_out = model_checkpoint_fields(raw, tokenizer) | {
                         "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

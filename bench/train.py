@@ -1,0 +1,131 @@
+"""Training speed on CPU, side by side in one run, all through our own trainer (`train_gpt2.main`):
+
+- tokens/s of the shakespeare-char model and of the GPT-2 124M config at B=4, T=256: ours eager fp32,
+  ours with the fast path (torch.compile, bf16 autocast, fused AdamW), and a `transformers`
+  `GPT2LMHeadModel` step with the same shapes and the same AdamW;
+- MFU of the 124M fast path against a measured fp32 matmul peak of this CPU;
+- (full run only) wall-clock time of the `shakespeare-char` preset to val loss 1.88, against nanoGPT's CPU
+  recipe (4 layers x 128, batch 12 x 64, lr 1e-3, 2000 steps) run by the same trainer.
+
+    python -m bench.train [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import train_gpt2
+from bench.common import Row, best_of, format_table
+from model import GPT, GPTConfig
+
+CHAR_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32)  # the preset's shapes
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=4)
+# nanoGPT's shakespeare_char config with its documented CPU overrides
+NANOGPT_CPU_RECIPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--batch_size", "12",
+                      "--total_batch_size", "768", "--max_steps", "2000", "--max_lr", "1e-3", "--min_lr", "1e-4",
+                      "--warmup_steps", "100", "--beta2", "0.99", "--dropout", "0.0", "--shuffle", "true"]
+
+
+def flag_list(shape: dict) -> list[str]:
+    return [x for k, v in shape.items() for x in (f"--{k}", str(v))]
+
+
+def trainer_tok_per_s(preset: str, shape: dict, steps: int, fast: bool) -> float:
+    """Tokens/s of the fastest of `steps` optimizer steps of our trainer (the least disturbed by other work),
+    leaving out the first two (compile, warm-up)."""
+    with tempfile.TemporaryDirectory() as out:
+        total = shape["batch_size"] * shape["block_size"]
+        train_gpt2.main(["--preset", preset, *flag_list(shape), "--total_batch_size", str(total), "--max_steps",
+                         str(steps + 2), "--out_dir", out, "--device", "cpu", "--eval_interval", "1000000",
+                         "--eval_iters", "1", "--ckpt_interval", "0", "--num_samples", "0", "--log_interval", "1000000",
+                         "--compile", str(fast), "--dtype", "bfloat16" if fast else "float32", "--dropout", "0.0"])
+        events = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return max(e["tok_per_s"] for e in events if "tok_per_s" in e and e["step"] >= 2)
+
+
+def transformers_tok_per_s(shape: dict, vocab_size: int, steps: int) -> float:
+    """The same step with `transformers`' GPT-2: forward, backward, clip, fused AdamW, fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    B, T = shape["batch_size"], shape["block_size"]
+    config = GPT2Config(vocab_size=vocab_size, n_positions=T, n_layer=shape["n_layer"], n_head=shape["n_head"],
+                        n_embd=shape["n_embd"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    x = torch.randint(0, vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=x[:, :-1], labels=x[:, :-1]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()
+    step()
+    return B * T / best_of(step, repeats=steps)
+
+
+def matmul_peak_flops(n: int = 2048) -> float:
+    """Best fp32 matmul rate of this CPU (all threads), the denominator of CPU MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / best_of(lambda: a @ b, repeats=5)
+
+
+def time_to_val(args: list[str], target: float) -> tuple[float | None, float, float]:
+    """(seconds to the first val loss <= target or None, total seconds, final val loss) of one trainer run."""
+    with tempfile.TemporaryDirectory() as out:
+        train_gpt2.main(["--preset", "shakespeare-char", *args, "--out_dir", out, "--device", "cpu",
+                         "--eval_interval", "100", "--eval_iters", "20", "--ckpt_interval", "0", "--num_samples", "0",
+                         "--compile", "false", "--dtype", "float32"])
+        events = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    vals = [(e["time"], e["val_loss"]) for e in events if "val_loss" in e]
+    reached = next((t for t, v in vals if v <= target), None)
+    return reached, events[-1]["time"], vals[-1][1]
+
+
+def run(quick: bool = False) -> list[Row]:
+    rows: list[Row] = []
+    for name, preset, shape, vocab, steps in [
+        ("shakespeare-char model (4L/128, 32x64)", "shakespeare-char", CHAR_MODEL, 65, 10 if quick else 30),
+        ("124M (B=4, T=256)", "shakespeare-gpt2", GPT2_124M, 50304, 2 if quick else 5),
+    ]:
+        eager = trainer_tok_per_s(preset, shape, steps, fast=False)
+        fast = trainer_tok_per_s(preset, shape, steps, fast=True)
+        hf = transformers_tok_per_s(shape, vocab, steps)
+        goal = ">= 1.3" if "124M" in name else ""
+        rows += [
+            Row("train", f"{name}: ours, eager fp32", eager, "tok/s", "transformers", eager / hf),
+            Row("train", f"{name}: ours, compile+bf16+fused AdamW", fast, "tok/s", "transformers", fast / hf, goal),
+            Row("train", f"{name}: transformers GPT2LMHeadModel fp32", hf, "tok/s"),
+        ]
+        if "124M" in name:
+            peak = matmul_peak_flops()
+            flops_per_token = GPT(GPTConfig(block_size=256, vocab_size=50304)).flops_per_token(256)
+            rows += [
+                Row("train", "CPU fp32 matmul peak (2048^3)", peak / 1e9, "GFLOP/s"),
+                Row("train", "124M: ours, eager fp32, MFU", 100 * flops_per_token * eager / peak, "% of peak"),
+                Row("train", "124M: ours, fast path, MFU", 100 * flops_per_token * fast / peak, "% of peak"),
+            ]
+    if not quick:
+        ours, ours_total, ours_final = time_to_val([], 1.88)
+        _, ref_total, ref_final = time_to_val(NANOGPT_CPU_RECIPE, 1.88)
+        rows += [
+            Row("train", f"shakespeare-char preset: seconds to val 1.88 (final {ours_final:.4f} at "
+                f"{ours_total:.0f} s)", ours if ours is not None else float("nan"), "s",
+                "nanoGPT CPU recipe, 2000 steps", (ours or float("nan")) / ref_total, "< 1.0 (lower is better)"),
+            Row("train", f"nanoGPT CPU recipe via our trainer: 2000 steps (final val {ref_final:.4f})", ref_total, "s"),
+        ]
+    return rows
+
+
+if __name__ == "__main__":
+    print(format_table(run(quick="--quick" in sys.argv)))
