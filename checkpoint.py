@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -54,6 +55,14 @@ def check_crc(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt, its entry {bad} fails its CRC check; use an earlier checkpoint")
 
 
+def refused_object(message: str) -> str:
+    """torch's multi-paragraph refusal (with terminal escapes) reduced to the part naming what was refused."""
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()[:160]
+    return re.sub(r"\x1b\[[0-9;]*m", "", message.strip().splitlines()[0])[:120]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load one of our checkpoints; any other file is a `CheckpointError` saying what is wrong."""
     path = Path(path)
@@ -67,7 +76,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: refused, it contains pickled objects other than tensors and plain data "
-                f"({first[:120]}); only load checkpoints you trust, and re-save them as plain state dicts"
+                f"({refused_object(str(e))}); only load checkpoints you trust, and re-save them as plain state dicts"
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({first[:120]}); the file may be corrupt") from None
     # LookupError: a text file read as a pickle

@@ -181,6 +181,7 @@ def test_load_checkpoint_refuses_pickled_code(hostile):
         load_checkpoint(path)
     msg = str(e.value)
     assert str(path) in msg and "refused" in msg and "\n" not in msg
+    assert "GLOBAL exec" in msg and "\x1b" not in msg  # names what was refused, no terminal escapes
     with pytest.raises(CheckpointError):
         load_model(str(path.parent))  # a run dir resolves to the same file
     assert not marker.exists()
@@ -205,7 +206,8 @@ def tiny_training_flags(tmp_path: Path) -> list[str]:
     text.write_text("abc" * 400)
     return ["--preset", "shakespeare-char", "--text_path", str(text), "--n_layer", "1", "--n_head", "1", "--n_embd",
             "8", "--block_size", "8", "--batch_size", "2", "--total_batch_size", "16", "--max_steps", "1",
-            "--eval_iters", "1", "--sample_prompt", "abc", "--sample_tokens", "2", "--device", "cpu", "--out_dir", str(tmp_path / "out")]
+            "--eval_iters", "1", "--sample_prompt", "abc", "--sample_tokens", "2", "--device", "cpu",
+            "--out_dir", str(tmp_path / "out")]
 
 
 def test_training_resume_and_init_refuse_pickled_code(hostile, tmp_path):
