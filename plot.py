@@ -52,9 +52,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The events of a `metrics.jsonl`; an empty or malformed file is a ValueError naming the line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        content = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{path}: cannot read it ({e.strerror}); is this a run directory of train_gpt2.py?") from None
+    lines = content.splitlines()
     records = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -62,6 +63,8 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             event = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and not content.endswith("\n"):
+                break  # a live run is writing this line right now
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
         if not isinstance(event, dict) or not isinstance(event.get("step"), int):
             raise ValueError(f"{path}:{n}: expected a JSON object with an integer 'step'; fix or delete that line")

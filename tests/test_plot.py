@@ -104,10 +104,19 @@ def test_resumed_step_keeps_the_later_value(tmp_path):
     assert plot.series(plot.read_metrics(path), "val_loss") == ([5], [2.5])
 
 
+def test_line_being_written_by_a_live_run_is_left_out(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 6, "time": 2, "train_lo')
+    assert plot.series(plot.read_metrics(path), "val_loss") == ([5], [3.0])
+    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 6, "time": 2, "train_lo\n')  # finished: bad
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
+        plot.read_metrics(path)
+
+
 @pytest.mark.parametrize(
     "content, where",
     [("", "metrics.jsonl: no metrics"), ("\n\n", "metrics.jsonl: no metrics"),
-     ('{"step": 0, "time": 0, "val_loss": 4.1}\n{"step": 1, "time": 1, "train_l', "metrics.jsonl:2: not valid JSON"),
+     ('{"step": 0, "val_loss": 4.1}\n{"step": 1, "train_l\n{"step": 2}\n', "metrics.jsonl:2: not valid JSON"),
      ('{"step": 0, "val_loss": 4.1}\n\n[1, 2]\n', "metrics.jsonl:3: expected a JSON object"),
      ('{"time": 0, "val_loss": 4.1}\n', "metrics.jsonl:1: expected a JSON object with an integer 'step'")],
 )
