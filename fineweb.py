@@ -537,11 +537,10 @@ def run(cfg: JobConfig) -> dict:
         return old
     if manifest["shards"]:
         print(f"resuming: keeping {len(manifest['shards'])} finished shards, going on from document {start.doc:,}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out_dir, cfg.prefix)
-
     num_proc = cfg.num_proc or default_num_proc()
     ds = load_corpus(cfg, files, num_proc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir, cfg.prefix)
     n_docs = None if cfg.streaming else len(ds)
     n_bytes = text_bytes(ds, cfg, files)
     if n_bytes is not None and n_docs:  # only what is left to do
