@@ -271,7 +271,8 @@ def _score_any(model: torch.nn.Module, batch: Batch, vocab_size: int, device) ->
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        inner = inner if isinstance(inner, torch.nn.Module) else getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
@@ -298,7 +299,10 @@ def evaluate(
     Rank `rank` of `world_size` scores examples rank, rank + world_size, ...; when torch.distributed is
     initialised the counts are summed over ranks, so every rank returns the global `acc`, `acc_norm`,
     `num_correct`, `num_correct_norm` and `num_total` (labelled examples), plus its own `predictions`.
-    `dtype` other than float32 runs the model under autocast, as in training; losses are float32.
+    `dtype` other than float32 runs the model under autocast, as in training; the loss of each token is
+    taken in float32 over the tokenizer's ids only (a padded vocab's extra logits are ignored).
+    Each prediction holds the example's `index` in `examples`, `ind`, `label`, `pred`, `pred_norm`, and the
+    4 endings' `sum_loss` and `mean_loss`.
     """
     tokenizer = tokenizer or get_tokenizer("gpt2")
     _check_tokenizer(tokenizer)
@@ -320,7 +324,7 @@ def evaluate(
     for i in mine:
         ctx, ends = encode_example(examples[i], tokenizer)
         if block_size is not None:
-            ctx = _fit_context(ctx, ends, block_size, f"example {i}")
+            ctx = _fit_context(ctx, ends, block_size, f"example {i} (ind {examples[i].get('ind')})")
         encoded[i] = (ctx, ends)
     # similar lengths side by side: little padding, and a long common context prefix in each batch
     order = sorted(mine, key=lambda i: (len(encoded[i][0]), max(len(e) for e in encoded[i][1])))

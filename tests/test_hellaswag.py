@@ -215,6 +215,8 @@ def test_restores_training_mode_and_unwraps(model, examples, naive):
     assert model.training
     model.eval()
     assert_matches_naive(result, naive[:4])
+    compiled = torch.compile(model)  # never run: evaluate takes the module under it
+    assert_matches_naive(hellaswag.evaluate(compiled, examples[:4], batch_size=2), naive[:4])
 
 
 def test_char_tokenizer_refused(model, examples):
