@@ -7,10 +7,13 @@ nothing new appeared. A few cases also go through the real interpreter to show s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,9 +84,12 @@ def foreign_checkpoint(path: Path) -> Path:
 
 
 def flipped(src: Path, dst: Path) -> Path:
-    """`src` with one byte of tensor data inverted: the archive still opens, a weight is silently wrong."""
+    """`src` with one byte inverted inside a tensor's data: the archive still opens, a weight is silently wrong."""
+    with zipfile.ZipFile(src) as zf:
+        entry = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size >= 64)
     data = bytearray(src.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2] ^= 0xFF
     dst.write_bytes(bytes(data))
     return dst
 
@@ -245,8 +251,6 @@ def test_malformed_hellaswag_line_names_file_and_line(tmp_path):
     good = {"ind": 0, "ctx": "A man is sitting on a roof. He", "label": 1, "activity_label": "Roof shingle removal",
             "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
                         "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
-    import json
-
     path = tmp_path / "hellaswag_val.jsonl"
     lines = [json.dumps(good), json.dumps(good | {"ind": 1}), '{"ctx": "cut off mid-li']
     path.write_text("\n".join(lines) + "\n")
