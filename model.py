@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -309,6 +310,11 @@ class GPT(LanguageModel):
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except OSError as e:
             raise ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {str(e).splitlines()[0]}") from None
+        except pickle.UnpicklingError as e:  # a pytorch_model.bin refused by weights_only loading
+            from checkpoint import refused_object
+
+            raise ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
+                             f"({refused_object(str(e))}); use safetensors weights from a source you trust") from None
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, bias=True)

@@ -233,6 +233,23 @@ def test_resume_auto_sets_pickled_code_aside(hostile, tmp_path):
     assert kept and kept[0].name.startswith(path.name) and kept[0].name != path.name, sorted(path.parent.iterdir())
 
 
+def test_hugging_face_dir_with_pickled_weights_is_refused(tmp_path, monkeypatch):
+    """`--init HF_DIR` goes through transformers: a pytorch_model.bin carrying code is refused there too."""
+    from transformers import GPT2Config
+
+    hf_dir, marker = tmp_path / "hf", tmp_path / "pwned-hf"
+    GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32).save_pretrained(hf_dir)
+    torch.save({"transformer.wte.weight": WritesMarker(marker)}, hf_dir / "pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="refused"):
+        load_model(str(hf_dir))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--init", str(hf_dir), "--device", "cpu", "--max_new_tokens", "2"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and str(hf_dir) in msg and "GLOBAL" in msg and "\n" not in msg, msg
+    assert not marker.exists()
+
+
 def test_sample_cli_subprocess_refuses_pickled_code(tmp_path):
     """End to end through the interpreter: exit status, one stderr line, no traceback, no payload."""
     marker = tmp_path / "pwned-cli"
