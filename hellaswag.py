@@ -242,7 +242,7 @@ def _score_gpt(model: GPT, batch: Batch, vocab_size: int, device, cache_dtype: t
     endings = [end for _, ends in batch for end in ends]
     sums = torch.zeros(len(suffixes), dtype=_sum_dtype(device), device=device)
     counts = torch.zeros_like(sums)
-    for chunk in _batches(sorted(range(len(suffixes)), key=lambda r: len(suffixes[r])), B):
+    for chunk in _batches(sorted(range(len(suffixes)), key=lambda r: len(suffixes[r])), max(B, NUM_ENDINGS)):
         example = torch.tensor([r // NUM_ENDINGS for r in chunk], dtype=torch.long, device=device)
         idx = _pad([suffixes[r] for r in chunk], device)
         cache = KVCache(model.config, len(chunk), S + idx.size(1), device, cache_dtype)

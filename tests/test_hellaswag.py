@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
 from checkpoint import save_checkpoint
@@ -181,6 +180,8 @@ def test_context_cropped_to_block_size(examples):
 
 
 def test_ours_and_transformers_give_same_predictions(tmp_path, examples):
+    from transformers import GPT2Config, GPT2LMHeadModel  # here, not at the top: spawned ranks import this file
+
     torch.manual_seed(1)
     cfg = GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -204,6 +205,7 @@ def test_bf16_autocast_close_to_fp32(model, examples, naive):
         assert max(abs(a - b) / b for a, b in zip(p["sum_loss"], sums, strict=True)) <= 2e-2
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
 def test_restores_training_mode_and_unwraps(model, examples, naive):
     class Wrapper(torch.nn.Module):  # stands in for DDP's `.module`
         def __init__(self, module):
