@@ -34,7 +34,7 @@ from tokenizer import cache_dir, get_tokenizer
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 NUM_ENDINGS = 4
-LM_HEAD_CHUNK = 1024  # rows of logits materialised at a time: bounds memory at ~200 MB for a 50k vocab
+LM_HEAD_CHUNK = 256  # rows of logits materialised at a time: ~50 MB for a 50k vocab
 
 # OpenAI's checkpoints on the val split (10,042 examples): (acc, acc_norm) per protocol
 REFERENCE = {
