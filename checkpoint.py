@@ -8,14 +8,14 @@ It holds at least `model`, `model_config`, `model_type` and `tokenizer` (see
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+
+from prepare import atomic_write
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")
 
@@ -26,19 +26,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
     """`torch.save` to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def check_crc(path: Path) -> None:

@@ -17,7 +17,9 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from tokenizer import GPT2_RANKS_SHA256, gpt2_ranks_path
 
@@ -35,19 +37,25 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename, so a crash never leaves half a file."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write` on a temp file beside `path`, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _download(url: str, timeout: float = 15.0) -> bytes | None:
