@@ -207,8 +207,8 @@ def test_bigram_preset_reaches_its_known_loss(tmp_path):
 
 def test_short_char_run_learns_well_below_the_bigram(tmp_path):
     result = train_gpt2.main(["--preset", "shakespeare-char", "--out_dir", str(tmp_path), "--device", "cpu",
-                              "--max_steps", "250", "--eval_interval", "250", "--num_samples", "0"])
-    assert result["val_loss"] < 2.2
+                              "--max_steps", "300", "--eval_interval", "300", "--num_samples", "0"])
+    assert result["val_loss"] < 2.2  # ~2.05; the bigram floor is ~2.45
 
 
 def test_compile_path_with_eval_and_sampling(small_text, tmp_path):
@@ -222,3 +222,20 @@ def test_compile_path_with_eval_and_sampling(small_text, tmp_path):
     assert set(events(tmp_path / "compiled", "sample")) == {2, 3}
     ckpt = load_checkpoint(tmp_path / "compiled" / "ckpt_0000003.pt")
     assert not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_hellaswag_is_scored_at_every_eval_when_its_data_is_given(small_text, tmp_path):
+    hellaswag = pytest.importorskip("hellaswag")
+    rows = [{"ind": i, "ctx": ctx, "label": i % 4, "activity_label": "Talking",
+             "endings": ["to the king.", "and then he left.", "with a sword.", "in the garden."]}
+            for i, ctx in enumerate(["ROMEO: I will go", "JULIET: Come hither", "KING: Speak now"])]
+    jsonl = tmp_path / "hs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    train_gpt2.main(tiny(small_text, out, "--preset", "shakespeare-gpt2", "--max_steps", "2", "--eval_interval", "2",
+                         "--ckpt_interval", "2", "--num_samples", "0", "--hellaswag_jsonl", str(jsonl)))
+    logged = events(out, "hellaswag_acc_norm")
+    assert sorted(logged) == [0, 2]
+    model, tok = load_model(str(out))
+    ref = hellaswag.evaluate(model, hellaswag.load_examples(jsonl=jsonl), tokenizer=tok)
+    assert logged[2] == pytest.approx(ref["acc_norm"])
