@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import textwrap
@@ -210,6 +211,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = dataclasses.replace(TrainConfig(), **(PRESETS[preset] | given | {"preset": preset}))
     if not cfg.out_dir:
         cfg.out_dir = str(Path("out") / preset)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "batch_size" not in given and cfg.batch_size * cfg.block_size * world > cfg.total_batch_size > 0:
+        # more ranks than the preset's batch was sized for: a smaller micro-batch keeps the total batch exact
+        if cfg.total_batch_size % (cfg.block_size * world) == 0:
+            cfg.batch_size = cfg.total_batch_size // (cfg.block_size * world)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"batch_size lowered to {cfg.batch_size} so {world} ranks make the total batch of "
+                      f"{cfg.total_batch_size:,} tokens")
     check_config(cfg)
     return cfg
 
@@ -304,6 +313,15 @@ def peak_flops(cfg: TrainConfig, device: str) -> float:
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
     return 0.0  # CPU peaks vary too much to guess; give --peak_flops
+
+
+def compile_unsupported(device_type: str) -> str:
+    """Why torch.compile cannot work here ("" when it can): inductor builds C++ on CPU, MPS is experimental."""
+    if device_type == "cpu" and not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")):
+        return "no C/C++ compiler on PATH for inductor's CPU kernels (install gcc, or pass --compile false)"
+    if device_type == "mps":
+        return "torch.compile on MPS is experimental"
+    return ""
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -747,6 +765,10 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
             print(f"resume: {resume_path} at step {start_step}")
 
     train_model: torch.nn.Module = model
+    if cfg.compile and compile_unsupported(device_type):
+        if d.master:
+            print(f"compile: off, {compile_unsupported(device_type)}")
+        cfg.compile = False
     if cfg.compile:
         train_model = torch.compile(train_model)
     if d.ddp:

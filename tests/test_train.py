@@ -92,6 +92,10 @@ def test_presets_then_flags(tmp_path, monkeypatch):
     assert cfg.total_batch_size == 524288 and cfg.min_lr == 3e-5
     cfg = train_gpt2.parse_config(["--data_dir", "somewhere", "--eval_only", "--init", "gpt2"])
     assert cfg.preset == "gpt2-124m" and cfg.eval_only and cfg.vocab_size == 50304 and cfg.warmup_steps == 715
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the preset's micro-batch shrinks to keep its total
+    cfg = train_gpt2.parse_config(["--preset", "shakespeare-char"])
+    assert (cfg.batch_size, train_gpt2.grad_accum_steps(cfg, 2)) == (16, 1) and cfg.total_batch_size == 2048
+    monkeypatch.delenv("WORLD_SIZE")
     (tmp_path / "edu_fineweb10B").mkdir()
     (tmp_path / "edu_fineweb10B" / "edufineweb_train_000001.npy").touch()
     assert train_gpt2.parse_config([]).preset == "gpt2-124m"  # what `torchrun ... train_gpt2.py` reproduces
