@@ -71,21 +71,30 @@ def run(quick: bool = False) -> list[Row]:
     evaluate(model, examples[:4], tokenizer, batch_size=4)  # warm-up: first-call allocations
     one_example_per_forward(model, examples[:1], tokenizer)
 
-    def timed(fn, *args):
-        t0 = time.perf_counter()
-        out = fn(model, *args, tokenizer)
-        return out, time.perf_counter() - t0
+    # On a shared machine the load changes by the minute: time the two scorers turn about, one batch of 16
+    # examples at a time (the batched scorer's own batches: it sorts by the same key), order flipped each time.
+    order = sorted(range(n), key=lambda i: (len(encoded[i][0]), max(len(e) for e in encoded[i][1])))
+    t_batched = t_reference = 0.0
+    batched: dict[int, dict] = {}
+    reference: dict[int, tuple[list[float], list[float]]] = {}
+    for k, start in enumerate(range(0, n, 16)):
+        ids = order[start : start + 16]
+        part = [examples[i] for i in ids]
+        for scorer in ("batched", "reference")[:: 1 if k % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            if scorer == "batched":
+                preds = evaluate(model, part, tokenizer, batch_size=16)["predictions"]
+                t_batched += time.perf_counter() - t0
+                batched |= {ids[p["index"]]: p for p in preds}
+            else:
+                scores = one_example_per_forward(model, part, tokenizer)
+                t_reference += time.perf_counter() - t0
+                reference |= dict(zip(ids, scores, strict=True))
 
-    # reference, batched, reference: on a shared machine a change of load then hits both alike
-    half = n // 2
-    reference_a, t_a = timed(one_example_per_forward, examples[:half])
-    batched, t_batched = timed(evaluate, examples)
-    reference_b, t_b = timed(one_example_per_forward, examples[half:])
-    reference, t_reference = reference_a + reference_b, t_a + t_b
-
-    for p, (sums, means) in zip(batched["predictions"], reference, strict=True):
-        assert p["pred"] == min(range(4), key=sums.__getitem__), f"example {p['index']}: prediction differs"
-        assert p["pred_norm"] == min(range(4), key=means.__getitem__), f"example {p['index']}: acc_norm differs"
+    for i in range(n):
+        p, (sums, means) = batched[i], reference[i]
+        assert p["pred"] == min(range(4), key=sums.__getitem__), f"example {i}: prediction differs"
+        assert p["pred_norm"] == min(range(4), key=means.__getitem__), f"example {i}: acc_norm prediction differs"
         assert max(abs(a - b) for a, b in zip(p["sum_loss"], sums, strict=True)) < 1e-3, "summed losses differ"
 
     case = f"124M fp32, {n} examples, context {ctx_len:.0f} + ending {ending_len:.0f} tokens"
