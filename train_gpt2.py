@@ -100,7 +100,8 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20  # validation batches per evaluation (per rank)
     eval_only: bool = False
-    hellaswag_jsonl: str = ""  # HellaSwag val .jsonl; "" = the cached copy if there is one
+    hellaswag: bool = True  # score HellaSwag at every eval when its cached val set is there
+    hellaswag_jsonl: str = ""  # score this HellaSwag .jsonl at every eval (whatever --hellaswag says)
     hellaswag_limit: int = 0  # evaluate the first N examples only; 0 = all
     sample_interval: int = 250  # 0 = only at the end
     num_samples: int = 4
@@ -122,7 +123,7 @@ class TrainConfig:
     compile: bool = True  # torch.compile the training forward/backward
 
 
-SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag_jsonl="")
+SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU model (4 x 128, context 64) at batch 32 and 4x its learning rate: val loss 1.86 after
     # 600 steps (1.2M tokens; the recipe needs 2000 steps, 1.5M tokens, for 1.886), 1.82-1.84 at the end
@@ -142,14 +143,14 @@ PRESETS: dict[str, dict] = {
         data="gpt2-text", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=2048,
         max_steps=1000, max_lr=1e-3, min_lr=1e-4, warmup_steps=50, eval_interval=100, eval_iters=20,
         sample_interval=0, num_samples=1, sample_tokens=64, sample_prompt="ROMEO:", log_interval=50,
-        ckpt_interval=1000, compile=False, hellaswag_jsonl="",
+        ckpt_interval=1000, compile=False, hellaswag=False,
     ),
     # the lecture's exercise: GPT-2 (or any model) finetuned on Shakespeare, constant small LR, few steps
     "finetune-shakespeare": dict(
         data="gpt2-text", init="gpt2", block_size=256, batch_size=4, total_batch_size=4096, max_steps=50,
         max_lr=3e-5, min_lr=3e-5, warmup_steps=0, eval_interval=10, eval_iters=5, sample_interval=0,
         num_samples=1, sample_tokens=64, sample_prompt="ROMEO:", log_interval=5, ckpt_interval=50,
-        compile=False,
+        compile=False, hellaswag=False,
     ),
     "gpt2-124m": {},
     # GPT-2's larger shapes with the GPT-3 paper's learning rate and batch for their size (Table 2.1);
@@ -586,8 +587,7 @@ def hellaswag_examples(cfg: TrainConfig, tokenizer: Tokenizer) -> list[dict] | N
     try:
         if cfg.hellaswag_jsonl:
             return hellaswag.load_examples(jsonl=cfg.hellaswag_jsonl, limit=limit)
-        cached = getattr(hellaswag, "cached_path", None)
-        if cached is not None and Path(cached("val")).exists():
+        if cfg.hellaswag and hellaswag.cached_path("val").exists():
             return hellaswag.load_examples("val", limit=limit)
     except (OSError, ValueError) as e:
         sys.exit(f"error: HellaSwag data: {e}")
