@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 	$(PY) prepare.py
 
 demo: setup
-	$(PY) train_gpt2.py
+	$(PY) train_gpt2.py --resume auto
 	$(PY) sample.py --init out/shakespeare-char --prompt "ROMEO:" --num_samples 1 --max_new_tokens 300
 
 lint: setup
