@@ -63,7 +63,8 @@ def sample(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", default="gpt2", help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF dir, a checkpoint or run dir")
+    p.add_argument("--init", default="gpt2",
+                   help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF dir, a checkpoint or a run dir")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=64)
