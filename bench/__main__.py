@@ -12,7 +12,7 @@ from bench.common import Row, format_table
 
 
 def main() -> None:
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "common")
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "common" and not m.name.startswith("_"))
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("names", nargs="*", choices=names + [[]], help="benchmarks to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
