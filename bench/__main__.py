@@ -12,11 +12,15 @@ from bench.common import Row, format_table
 
 
 def main() -> None:
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "common" and not m.name.startswith("_"))
+    found = pkgutil.iter_modules([str(Path(__file__).parent)])
+    names = sorted(m.name for m in found if m.name != "common" and not m.name.startswith("_"))
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("names", nargs="*", choices=names + [[]], help="benchmarks to run (default: all)")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(names)} (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = p.parse_args()
+    unknown = sorted(set(args.names) - set(names))
+    if unknown:
+        p.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(names)}")
     rows: list[Row] = []
     for name in args.names or names:
         print(f"running bench/{name}.py ...", file=sys.stderr, flush=True)
