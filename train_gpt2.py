@@ -447,15 +447,16 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
             old.unlink(missing_ok=True)
 
 
-def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> Path | None:
+def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from: `--resume PATH`, or with `auto` the newest readable one in out_dir.
 
     Rank 0 decides (removing temp files of interrupted writes, setting unreadable files aside) and tells the
-    other ranks, so all load the same file.
+    other ranks, so all load the same file. Also returns the checkpoint when this rank has already read it.
     """
     if not cfg.resume:
-        return None
+        return None, None
     choice: Path | None = None
+    loaded: dict | None = None
     if d.master:
         if cfg.resume != "auto":
             choice = Path(cfg.resume)
@@ -468,7 +469,7 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> Path | None:
                 tmp.unlink(missing_ok=True)
             for path in reversed(list_checkpoints(out)):
                 try:
-                    load_checkpoint(path)
+                    loaded = load_checkpoint(path)  # kept: the caller need not read the file again
                 except CheckpointError as e:
                     bad = path.with_name(path.name + ".unreadable")
                     print(f"resume: skipping {e}; moved aside to {bad.name}")
@@ -482,7 +483,7 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> Path | None:
         box = [str(choice) if choice else ""]
         dist.broadcast_object_list(box, src=0)
         choice = Path(box[0]) if box[0] else None
-    return choice
+    return choice, loaded
 
 
 # ----------------------------------------------------------------------------- logging
@@ -699,9 +700,8 @@ def train(cfg: TrainConfig, d: Dist) -> dict:
     dtype = pick_dtype(d.device, cfg.dtype)
     device_type = d.device.split(":")[0]
 
-    resume_path = find_resume_checkpoint(cfg, d)
-    ckpt = None
-    if resume_path is not None:
+    resume_path, ckpt = find_resume_checkpoint(cfg, d)
+    if resume_path is not None and ckpt is None:
         try:
             ckpt = load_checkpoint(resume_path)
         except CheckpointError as e:
