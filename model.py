@@ -379,17 +379,21 @@ def model_type_of(model: LanguageModel) -> str:
     return next(k for k, v in MODEL_TYPES.items() if isinstance(model, v))
 
 
-def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
-    sd = model.state_dict()
+def clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same state dict without the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
     return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
+
+
+def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a possibly compiled or DDP-wrapped model under the plain module's names."""
+    return clean_keys(model.state_dict())
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> LanguageModel:
     """Build the model a checkpoint dict describes and load its weights, with a clear error on mismatch."""
     config = GPTConfig(**ckpt["model_config"])
     model = MODEL_TYPES[ckpt.get("model_type", "gpt")](config)
-    sd = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    sd = clean_keys(ckpt["model"])
     expected = model.state_dict()
     for k, v in expected.items():
         if k not in sd:
