@@ -1,23 +1,31 @@
-"""Checkpoint files: written atomically, read without unpickling arbitrary objects.
+"""Checkpoints: the file format, the models they hold, and the policy for resuming from them.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with `torch.save`
 and loaded with `torch.load(weights_only=True)`, so a file carrying pickled code is refused.
-It holds at least `model`, `model_config`, `model_type` and `tokenizer` (see
-`model.model_checkpoint_fields`); training adds optimizer, step, loader and RNG states.
+It holds at least `model`, `model_config`, `model_type` and `tokenizer` (`model_checkpoint_fields`);
+training adds `TRAINING_KEYS` (optimizer, step, loader and RNG states). A run directory keeps them as
+`ckpt_{step:07d}.pt`; only checkpoints of finite weights are ever written, and pruning keeps the newest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import pickle
-import re
+import random
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from prepare import atomic_write
+from fileio import atomic_write, refused_object
+from model import GPT, HF_MODELS, MODEL_TYPES, GPTConfig, LanguageModel
+from tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")
+TRAINING_KEYS = ("step", "optimizer", "loader", "rng")
+MAX_PARAMS = 100e9  # a model_config claiming more is refused before anything is allocated
 
 
 class CheckpointError(ValueError):
@@ -27,6 +35,10 @@ class CheckpointError(ValueError):
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
     """`torch.save` to a temp file in the same directory, fsync, then rename over `path`."""
     return atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def weights_finite(state_dict: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state_dict.values() if v.is_floating_point())
 
 
 def check_crc(path: Path) -> None:
@@ -41,14 +53,6 @@ def check_crc(path: Path) -> None:
         raise CheckpointError(f"{path}: not a readable checkpoint ({e}); the file is corrupt or truncated") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt, its entry {bad} fails its CRC check; use an earlier checkpoint")
-
-
-def refused_object(message: str) -> str:
-    """torch's multi-paragraph refusal (with terminal escapes) reduced to the part naming what was refused."""
-    for line in message.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()[:160]
-    return re.sub(r"\x1b\[[0-9;]*m", "", message.strip().splitlines()[0])[:120]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -78,7 +82,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: not a gpt2-repro checkpoint (needs keys {', '.join(REQUIRED_KEYS)}); "
             "for Hugging Face weights pass the model directory instead"
         )
+    check_model_fields(ckpt, path)
     return ckpt
+
+
+def check_model_fields(ckpt: dict, path: str | Path) -> None:
+    """The model part of a checkpoint is what it claims, before anything is allocated for it."""
+    if ckpt.get("model_type", "gpt") not in MODEL_TYPES:
+        raise CheckpointError(f"{path}: unknown model_type {ckpt.get('model_type')!r} (this version knows "
+                              f"{', '.join(MODEL_TYPES)}); it was written by another program or version")
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors; not a model checkpoint")
+    if not isinstance(ckpt["tokenizer"], dict):
+        raise CheckpointError(f"{path}: its 'tokenizer' entry is not a dict; not a gpt2-repro checkpoint")
+    model_config(ckpt["model_config"], path)
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
@@ -94,3 +111,163 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------- models in checkpoints
+
+
+def model_config(fields: object, source: str | Path = "checkpoint") -> GPTConfig:
+    """`GPTConfig` from a checkpoint's `model_config`, every value type- and size-checked first."""
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{source}: model_config is not a dict; not a gpt2-repro checkpoint")
+    known = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    for k, v in fields.items():
+        if k not in known:
+            raise CheckpointError(f"{source}: model_config has unknown field {k!r}; written by a newer version?")
+        want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(known[k].type), object)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise CheckpointError(f"{source}: model_config {k}={v!r} is not of type {known[k].type}")
+    try:
+        config = GPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: model_config is not valid ({e})") from None
+    sizes = (config.n_layer, config.n_embd, config.n_head, config.vocab_size, config.block_size)
+    if min(sizes) < 1:
+        raise CheckpointError(f"{source}: model_config sizes must be positive, got {sizes}")
+    if 12 * config.n_layer * config.n_embd**2 + config.vocab_size * config.n_embd > MAX_PARAMS:
+        raise CheckpointError(f"{source}: model_config describes a model of over {MAX_PARAMS:.0e} parameters; "
+                              "refused as implausible")
+    return config
+
+
+def clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same state dict without the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
+
+
+def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> LanguageModel:
+    """Build the model a checkpoint dict describes and load its weights, with a clear error on mismatch.
+
+    The shapes are compared on the meta device first, so a file whose config disagrees with its own
+    tensors is refused without allocating the model it claims.
+    """
+    config = model_config(ckpt["model_config"], source)
+    cls = MODEL_TYPES[ckpt.get("model_type", "gpt")]
+    sd = clean_keys(ckpt["model"])
+    with torch.device("meta"):
+        expected = cls(config).state_dict()
+    for k, v in expected.items():
+        if k not in sd:
+            raise CheckpointError(f"{source}: weights lack {k}; the file does not match its own model config")
+        if sd[k].shape != v.shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(sd[k].shape)}, config says {tuple(v.shape)}")
+    model = cls(config)
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def model_checkpoint_fields(model: LanguageModel, tokenizer: Tokenizer) -> dict:
+    """The part of a checkpoint that says what the model is: weights, config, type and tokenizer."""
+    return {
+        "model": clean_keys(model.state_dict()),
+        "model_config": dataclasses.asdict(model.config),
+        "model_type": next(k for k, v in MODEL_TYPES.items() if isinstance(model, v)),
+        "tokenizer": tokenizer.to_dict(),
+    }
+
+
+def from_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
+    """The model saved in a checkpoint file and the tokenizer it was trained with."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    return model_from_checkpoint(ckpt, str(path)), tokenizer_from_dict(ckpt["tokenizer"])
+
+
+def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
+    """`gpt2`-family name, a local Hugging Face directory, a run directory (its newest checkpoint) or a file."""
+    path = Path(spec)
+    # a run dir has a config.json too (the training config): its checkpoints decide
+    is_run_dir = path.is_dir() and latest_checkpoint(path) is not None
+    if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
+        return GPT.from_pretrained(spec), get_tokenizer("gpt2")
+    if path.is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise ValueError(f"{spec}: neither a HF model dir (config.json) nor a run dir with ckpt_*.pt files")
+        path = newest
+    if path.exists():
+        return from_checkpoint(path, map_location=map_location)
+    raise ValueError(f"{spec}: no such file; use one of {', '.join(HF_MODELS)}, a HF model dir or a checkpoint")
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch and CUDA generator states, as plain data and tensors (weights_only-loadable)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": np_state["has_gauss"],
+                  "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": np.array(n["key"], dtype=np.uint32),
+                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_resumable(ckpt: dict, path: Path) -> None:
+    """A model-only checkpoint starts a new run (`--init`), it cannot continue one."""
+    for key in TRAINING_KEYS:
+        if key not in ckpt:
+            raise CheckpointError(f"{path} has no {key!r}; it is a model-only checkpoint, use --init {path} to "
+                                  "start a new run from its weights")
+
+
+def newest_resumable(out_dir: Path, log=print) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of `out_dir` that loads, with its contents; unreadable ones are set aside.
+
+    Temp files of interrupted writes are removed. A readable but model-only newest checkpoint is an error
+    (the same one `--resume PATH` gives), not a reason to fall back to an older one.
+    """
+    for tmp in out_dir.glob(".ckpt_*.tmp"):
+        log(f"resume: removing {tmp.name}, left by an interrupted checkpoint write")
+        tmp.unlink(missing_ok=True)
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            bad = path.with_name(path.name + ".unreadable")
+            log(f"resume: skipping {e}; moved aside to {bad.name}")
+            os.replace(path, bad)
+            continue
+        check_resumable(ckpt, path)
+        return path, ckpt
+    return None, None
+
+
+def write_checkpoint(ckpt: dict, out_dir: Path, step: int, keep_last: int) -> Path:
+    """Save the step's checkpoint, then prune to the newest `keep_last` (0 = keep all).
+
+    Non-finite weights are never written, so pruning can never leave only diverged checkpoints behind.
+    """
+    if not weights_finite(ckpt["model"]):
+        raise CheckpointError(f"step {step}: the weights hold NaN or inf; not checkpointed, the earlier "
+                              "checkpoints are kept")
+    path = save_checkpoint(ckpt, checkpoint_path(out_dir, step))
+    if keep_last > 0:
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path

@@ -1,8 +1,7 @@
 """Token batches for training and evaluation, from uint16 `.npy` shards or from an array in memory.
 
-A shard is a 1-D uint16 `.npy` file named `{prefix}_{split}_{index:06d}.npy` (the format of `fineweb.py`
-and of build-nanogpt's `edu_fineweb10B`); every document starts with the EOT token. Shards are memory-mapped
-and only the tokens of one batch are turned into int64.
+Shards (format in `shards.py`) are memory-mapped and only the tokens of one batch are turned into int64;
+token ids are checked against the model's vocabulary batch by batch.
 
 A batch is B rows of T+1 consecutive tokens: inputs are the first T, targets the last T. Rows are cut from a
 shard at multiples of T (row j starts at token j*T), so without shuffling consecutive batches are consecutive
@@ -19,30 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EOT = 50256  # GPT-2's <|endoftext|>, the document separator in shards
-
-
-def find_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """`*_{split}_*.npy` files of `data_dir`, sorted by name; a clear error when there are none."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ValueError(f"{data_dir}: no such data directory; run `python fineweb.py` or pass --data_dir")
-    shards = sorted(data_dir.glob(f"*_{split}_*.npy"))
-    if not shards:
-        raise ValueError(f"{data_dir}: no *_{split}_*.npy shards; run `python fineweb.py` to write them")
-    return shards
-
-
-def open_shard(path: Path) -> np.ndarray:
-    """Memory-map one shard, checking that it is a flat uint16 array."""
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npy shard ({e}); delete it and rerun fineweb.py") from None
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D uint16 array, found {tokens.ndim}-D {tokens.dtype}; "
-                         "rewrite it with fineweb.py")
-    return tokens
+from shards import check_token_ids, find_shards, open_shard
+from tokenizer import GPT2_EOT
 
 
 def shuffle_documents(tokens: np.ndarray, eot: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,12 +48,14 @@ class TokenLoader:
         world_size: int = 1,
         shuffle: bool = False,
         seed: int = 1337,
-        eot: int | None = EOT,
+        eot: int | None = GPT2_EOT,
         name: str = "data",
+        vocab_size: int | None = None,
     ) -> None:
         self.sources, self.B, self.T = list(sources), B, T
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.eot, self.name = shuffle, seed, eot, name
+        self.vocab_size = vocab_size  # ids at or above it are refused batch by batch
         self.rows_per_step = B * world_size
         for i, src in enumerate(self.sources):
             n = len(src) if isinstance(src, np.ndarray) else len(open_shard(src))
@@ -96,9 +75,13 @@ class TokenLoader:
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, *keys])
 
+    def _order(self):
+        """This epoch's order of sources."""
+        return self._rng().permutation(len(self.sources)) if self.shuffle else range(len(self.sources))
+
     def _load(self) -> None:
         """Open the current shard of this epoch's order and fix its row order."""
-        order = self._rng().permutation(len(self.sources)) if self.shuffle else range(len(self.sources))
+        order = self._order()
         src = self.sources[order[self.shard]]
         tokens = open_shard(src) if isinstance(src, Path) else src
         n_rows = (len(tokens) - 1) // self.T
@@ -132,7 +115,14 @@ class TokenLoader:
             buf = np.asarray(self.tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)
             x, y = buf[:, :-1], buf[:, 1:]
         self.position += self.rows_per_step
+        if self.vocab_size is not None:
+            check_token_ids(buf, self.vocab_size, self.where())
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def where(self) -> str:
+        """The source the current rows come from, for error messages."""
+        src = self.sources[self._order()[self.shard]]
+        return str(src) if isinstance(src, Path) else self.name
 
     def state_dict(self) -> dict:
         """Where the loader is; positions count rows of all ranks, so they do not depend on the rank."""
@@ -152,6 +142,9 @@ class TokenLoader:
         self.seed, self.shuffle = state["seed"], state["shuffle"]
         self.epoch, self.shard = state["epoch"], state["shard"]
         self._load()
+        if state["position"] > self.usable_rows:
+            raise ValueError(f"{self.where()}: the saved position (row {state['position']:,}) is past this shard's "
+                             f"{self.usable_rows:,} usable rows; the data changed since the checkpoint, restore it")
         self.position = state["position"]
 
 
@@ -168,10 +161,11 @@ class ShardedTokenLoader(TokenLoader):
         world_size: int = 1,
         shuffle: bool = False,
         seed: int = 1337,
+        vocab_size: int | None = None,
     ) -> None:
         assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
-        super().__init__(find_shards(data_dir, split), B, T, rank, world_size, shuffle, seed, EOT,
-                         name=f"{data_dir} ({split})")
+        super().__init__(find_shards(data_dir, split), B, T, rank, world_size, shuffle, seed, GPT2_EOT,
+                         name=f"{data_dir} ({split})", vocab_size=vocab_size)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

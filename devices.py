@@ -1,12 +1,18 @@
-"""Device and precision choices shared by training, sampling and evaluation."""
+"""Devices, precision, processes and speed facts shared by training, sampling, evaluation and the benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dense bf16 peak of one GPU, for MFU; matched against torch.cuda.get_device_name (H200 before H100)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 def pick_device(name: str = "auto") -> str:
@@ -47,3 +53,83 @@ def autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManag
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among torchrun's: rank, local rank, world size and its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_flag: str = "auto") -> Dist:
+    """One process, or one of torchrun's (RANK/LOCAL_RANK/WORLD_SIZE): NCCL on CUDA, gloo on CPU."""
+    device = pick_device(device_flag)
+    if "RANK" not in os.environ:
+        return Dist(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, local_rank, world_size, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean over ranks as SUM / world_size (gloo has no AVG)."""
+    if d.ddp:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / d.world_size
+    return value
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not d.ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def peak_flops(device: str, override: float = 0.0) -> float:
+    """Per-device dense bf16 peak for MFU: `override` when given, else from the GPU table (0 = unknown)."""
+    if override > 0:
+        return override
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    return 0.0  # CPU peaks vary too much to guess; give --peak_flops
+
+
+def compile_unsupported(device_type: str) -> str:
+    """Why torch.compile cannot work here ("" when it can): inductor builds C++ on CPU, MPS is experimental."""
+    if device_type == "cpu" and not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")):
+        return "no C/C++ compiler on PATH for inductor's CPU kernels (install gcc, or pass --compile false)"
+    if device_type == "mps":
+        return "torch.compile on MPS is experimental"
+    return ""

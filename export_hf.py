@@ -25,12 +25,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from model import GPT, GPTConfig, model_from_checkpoint
+from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from model import CONV1D_WEIGHTS, GPT, GPTConfig
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 
-# our nn.Linear weights are (out, in); GPT-2's Conv1D stores (in, out)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"
 VERIFY_RTOL = 1e-4  # fp32 logits of the same weights through two implementations, relative to their scale
 

@@ -19,7 +19,6 @@ import argparse
 import errno
 import glob
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -38,12 +37,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from prepare import atomic_write_bytes, sha256_of
+from fileio import atomic_write_bytes, sha256_of
+from shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gpt2-repro token shards v1"
-DTYPE = np.dtype("<u2")  # uint16: every GPT-2 id (< 50257) fits, at half the bytes of int32
 BATCH_DOCS = 256  # documents per tokenizer task: ~1 MB of web text, large enough to amortize the IPC
 TOKENS_PER_BYTE = 0.3  # a deliberately high guess of GPT-2 tokens per byte of English text, for the disk check
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -233,19 +232,6 @@ def document_batches(ds, cfg: JobConfig, start_doc: int) -> Iterator[list[str]]:
 # ----------------------------------------------------------------------------- writing shards
 
 
-def shard_name(prefix: str, index: int) -> str:
-    """Shard 0 is the validation shard, as in build-nanogpt."""
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-def npy_header(n_tokens: int) -> bytes:
-    """The exact header `np.save` writes for a 1-D uint16 array of `n_tokens` (128 bytes for any length)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(DTYPE), "fortran_order": False, "shape": (n_tokens,)})
-    return buf.getvalue()
-
-
 def write_bytes(f, data) -> None:
     """Every byte write of a shard goes through here (one place where a full disk shows up)."""
     f.write(data)
@@ -363,7 +349,7 @@ def job_identity(manifest: dict) -> dict:
 def shard_file_ok(out_dir: Path, entry: dict) -> bool:
     """Cheap resume check: the shard is there with the right size (`--verify` checks the hashes)."""
     path = out_dir / entry["file"]
-    return path.is_file() and path.stat().st_size == len(npy_header(entry["tokens"])) + DTYPE.itemsize * entry["tokens"]
+    return path.is_file() and path.stat().st_size == shard_bytes(entry["tokens"])
 
 
 def resume_state(out_dir: Path, manifest: dict) -> tuple[list[dict], Position]:
@@ -588,21 +574,15 @@ def verify(out_dir: str | Path) -> list[str]:
             problems.append(f"{path}: missing")
             continue
         try:
-            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            problems.append(f"{path}: not a readable .npy file ({e})")
+            tokens = open_shard(path)
+            if len(tokens) != entry["tokens"]:
+                raise ValueError(f"{path}: {len(tokens):,} tokens, the manifest says {entry['tokens']:,} (truncated?)")
+            if sha256_of(path) != entry["sha256"]:
+                raise ValueError(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
+            check_token_ids(tokens, n_vocab, str(path))
+        except ValueError as e:
+            problems.append(str(e))
             continue
-        if tokens.dtype != DTYPE or tokens.ndim != 1:
-            problems.append(f"{path}: {tokens.ndim}-D {tokens.dtype}, expected 1-D uint16")
-            continue
-        if len(tokens) != entry["tokens"]:
-            problems.append(f"{path}: {len(tokens):,} tokens, the manifest says {entry['tokens']:,} (truncated?)")
-            continue
-        if sha256_of(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
-            continue
-        if len(tokens) and int(tokens.max()) >= n_vocab:
-            problems.append(f"{path}: token id {int(tokens.max())} >= vocabulary size {n_vocab}")
         if int(np.count_nonzero(tokens == manifest["tokenizer"]["eot"])) != entry["documents"]:
             problems.append(f"{path}: document count differs from the manifest")
     listed = {e["file"] for e in manifest["shards"]}

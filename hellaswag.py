@@ -27,8 +27,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from fileio import atomic_write_bytes
 from model import GPT, KVCache
-from prepare import atomic_write_bytes
 from tokenizer import cache_dir, get_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -404,7 +404,7 @@ def format_result(result: dict, model_name: str, source: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from model import load_model
+    from checkpoint import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2-family name, Hugging Face model dir, checkpoint or run dir")

@@ -11,14 +11,11 @@ import inspect
 import math
 import pickle
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 HF_MODELS = {
     # name: (n_layer, n_head, n_embd); all have vocab 50257 and 1024 positions
@@ -27,6 +24,8 @@ HF_MODELS = {
     "gpt2-large": (36, 20, 1280),  # 774M
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
+# GPT-2's checkpoints store these weights as Conv1D (in, out); nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -311,7 +310,7 @@ class GPT(LanguageModel):
         except OSError as e:
             raise ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {str(e).splitlines()[0]}") from None
         except pickle.UnpicklingError as e:  # a pytorch_model.bin refused by weights_only loading
-            from checkpoint import refused_object
+            from fileio import refused_object
 
             raise ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
                              f"({refused_object(str(e))}); use safetensors weights from a source you trust") from None
@@ -324,8 +323,6 @@ class GPT(LanguageModel):
 
     def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Copy a `transformers` GPT2LMHeadModel state dict in, transposing its Conv1D weights."""
-        # HF's Conv1D stores weights as (in, out); nn.Linear wants (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         sd = self.state_dict()
         missing = sorted(set(sd) - set(hf_sd))
@@ -333,19 +330,11 @@ class GPT(LanguageModel):
             raise ValueError(f"{source} has no {missing[0]} (and {len(missing) - 1} more); not a GPT-2 checkpoint")
         with torch.no_grad():
             for k, dst in sd.items():
-                src = hf_sd[k].t() if k.endswith(transposed) else hf_sd[k]
+                src = hf_sd[k].t() if k.endswith(CONV1D_WEIGHTS) else hf_sd[k]
                 if src.shape != dst.shape:
                     raise ValueError(f"{source}: {k} has shape {tuple(src.shape)}, this model expects "
                                      f"{tuple(dst.shape)}")
                 dst.copy_(src)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
-        """Rebuild the model saved by `train_gpt2.py` and the tokenizer it was trained with."""
-        from checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path, map_location=map_location)
-        return model_from_checkpoint(ckpt, str(path)), tokenizer_from_dict(ckpt["tokenizer"])
 
 
 class BigramLanguageModel(LanguageModel):
@@ -373,61 +362,3 @@ class BigramLanguageModel(LanguageModel):
 
 
 MODEL_TYPES = {"gpt": GPT, "bigram": BigramLanguageModel}
-
-
-def model_type_of(model: LanguageModel) -> str:
-    return next(k for k, v in MODEL_TYPES.items() if isinstance(model, v))
-
-
-def clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same state dict without the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes."""
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
-
-
-def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of a possibly compiled or DDP-wrapped model under the plain module's names."""
-    return clean_keys(model.state_dict())
-
-
-def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> LanguageModel:
-    """Build the model a checkpoint dict describes and load its weights, with a clear error on mismatch."""
-    config = GPTConfig(**ckpt["model_config"])
-    model = MODEL_TYPES[ckpt.get("model_type", "gpt")](config)
-    sd = clean_keys(ckpt["model"])
-    expected = model.state_dict()
-    for k, v in expected.items():
-        if k not in sd:
-            raise ValueError(f"{source}: weights lack {k}; the file does not match its own model config")
-        if sd[k].shape != v.shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, config says {tuple(v.shape)}")
-    model.load_state_dict(sd, strict=False)
-    return model
-
-
-def model_checkpoint_fields(model: LanguageModel, tokenizer: Tokenizer) -> dict:
-    """The part of a checkpoint that says what the model is: weights, config, type and tokenizer."""
-    return {
-        "model": clean_state_dict(model),
-        "model_config": asdict(model.config),
-        "model_type": model_type_of(model),
-        "tokenizer": tokenizer.to_dict(),
-    }
-
-
-def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
-    """`gpt2`-family name, a local Hugging Face directory, or one of our checkpoint files."""
-    from checkpoint import latest_checkpoint
-
-    path = Path(spec)
-    # a run dir has a config.json too (the training config): its checkpoints decide
-    is_run_dir = path.is_dir() and latest_checkpoint(path) is not None
-    if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
-        return GPT.from_pretrained(spec), get_tokenizer("gpt2")
-    if path.is_dir():
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise ValueError(f"{spec}: neither a HF model dir (config.json) nor a run dir with ckpt_*.pt files")
-        path = newest
-    if path.exists():
-        return GPT.from_checkpoint(path, map_location=map_location)
-    raise ValueError(f"{spec}: no such file; use one of {', '.join(HF_MODELS)}, a HF model dir or a checkpoint")

@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fileio import atomic_write_bytes
 from model import HF_MODELS
-from prepare import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
+from checkpoint import load_model
 from devices import autocast, pick_device, pick_dtype
-from model import LanguageModel, load_model
+from model import LanguageModel
 from tokenizer import Tokenizer
 
 

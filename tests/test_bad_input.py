@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import sample
-from checkpoint import save_checkpoint
-from model import GPT, GPTConfig, model_checkpoint_fields
+from checkpoint import model_checkpoint_fields, save_checkpoint
+from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 train_gpt2 = pytest.importorskip("train_gpt2")
@@ -237,12 +238,11 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_lost(case, scratch, cap
 
 
 def test_world_size_not_dividing_the_total_batch():
-    cfg = train_gpt2.parse_config(TINY + ["--text_path", "unused.txt", "--out_dir", "unused", "--total_batch_size",
-                                          "64"])
-    assert train_gpt2.grad_accum_steps(cfg, 1) == 2 and train_gpt2.grad_accum_steps(cfg, 2) == 1
-    with pytest.raises(SystemExit) as e:
-        train_gpt2.grad_accum_steps(cfg, 3)
-    msg = str(e.value.code)
+    cfg = config.parse_config(TINY + ["--text_path", "unused.txt", "--out_dir", "unused", "--total_batch_size", "64"])
+    assert config.grad_accum_steps(cfg, 1) == 2 and config.grad_accum_steps(cfg, 2) == 1
+    with pytest.raises(config.ConfigError) as e:
+        config.grad_accum_steps(cfg, 3)
+    msg = str(e.value)
     assert "--total_batch_size 64" in msg and "world_size" in msg and "2 x 16 x 3 = 96" in msg
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import export_hf
-from checkpoint import save_checkpoint
-from model import GPT, BigramLanguageModel, GPTConfig, model_checkpoint_fields
+from checkpoint import model_checkpoint_fields, save_checkpoint
+from model import GPT, BigramLanguageModel, GPTConfig
 from tokenizer import get_tokenizer
 
 PROMPT = "Hello, I'm a language model,"

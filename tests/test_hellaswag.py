@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import hellaswag
-from checkpoint import save_checkpoint
-from model import GPT, GPTConfig, load_model, model_checkpoint_fields
+from checkpoint import load_model, model_checkpoint_fields, save_checkpoint
+from model import GPT, GPTConfig
 from tokenizer import get_tokenizer, gpt2_encoding
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from model import GPT, BigramLanguageModel, GPTConfig, load_model, sample_next
+from checkpoint import load_model
+from model import GPT, BigramLanguageModel, GPTConfig, sample_next
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
-from model import GPT, GPTConfig, model_checkpoint_fields
+from checkpoint import from_checkpoint, model_checkpoint_fields, save_checkpoint
+from model import GPT, GPTConfig
 from sample import main, stream_text
 from tokenizer import get_tokenizer
 
@@ -51,7 +51,7 @@ def test_sample_cli_greedy_matches_model_generate(char_ckpt, capsys):
     main(["--init", str(char_ckpt), "--prompt", "abc", "--num_samples", "1", "--max_new_tokens", "15",
           "--temperature", "0", "--device", "cpu"])
     out = capsys.readouterr().out.split("\n", 1)[1].rstrip("\n")
-    model, tok = GPT.from_checkpoint(char_ckpt)
+    model, tok = from_checkpoint(char_ckpt)
     ref = model.eval().generate(torch.tensor([tok.encode("abc")]), 15, temperature=0, use_cache=False)
     assert out == tok.decode(ref[0].tolist())
 

@@ -13,8 +13,8 @@ import torch
 
 import export_hf
 import sample
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig, load_model, model_checkpoint_fields
+from checkpoint import CheckpointError, load_checkpoint, load_model, model_checkpoint_fields, save_checkpoint
+from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import train_gpt2
-from checkpoint import list_checkpoints, load_checkpoint
-from model import GPT, GPTConfig, load_model
+from checkpoint import list_checkpoints, load_checkpoint, load_model
+from model import GPT, GPTConfig
 from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,20 +86,21 @@ def test_weight_decay_groups_by_module_kind():
 
 def test_presets_then_flags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no edu_fineweb10B here: the embedded default is the CPU demo
-    cfg = train_gpt2.parse_config([])
+    cfg = config.parse_config([])
     assert cfg.preset == "shakespeare-char" and cfg.data == "char" and cfg.out_dir == "out/shakespeare-char"
-    cfg = train_gpt2.parse_config(["--preset", "gpt2-350m", "--max_lr", "1e-4", "--compile", "false"])
+    cfg = config.parse_config(["--preset", "gpt2-350m", "--max_lr", "1e-4", "--compile", "false"])
     assert (cfg.n_layer, cfg.n_embd, cfg.max_lr, cfg.compile) == (24, 1024, 1e-4, False)
     assert cfg.total_batch_size == 524288 and cfg.min_lr == 3e-5
-    cfg = train_gpt2.parse_config(["--data_dir", "somewhere", "--eval_only", "--init", "gpt2"])
+    cfg = config.parse_config(["--data_dir", "somewhere", "--eval_only", "--init", "gpt2"])
     assert cfg.preset == "gpt2-124m" and cfg.eval_only and cfg.vocab_size == 50304 and cfg.warmup_steps == 715
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the preset's micro-batch shrinks to keep its total
-    cfg = train_gpt2.parse_config(["--preset", "shakespeare-char"])
-    assert (cfg.batch_size, train_gpt2.grad_accum_steps(cfg, 2)) == (16, 1) and cfg.total_batch_size == 2048
-    monkeypatch.delenv("WORLD_SIZE")
+    # under torchrun the preset's micro-batch shrinks to keep its total; a batch given by hand is kept
+    cfg = config.fit_to_world(config.parse_config(["--preset", "shakespeare-char"]), world_size=2)
+    assert (cfg.batch_size, config.grad_accum_steps(cfg, 2)) == (16, 1) and cfg.total_batch_size == 2048
+    cfg = config.fit_to_world(config.parse_config(["--preset", "shakespeare-char", "--batch_size", "8"]), 2)
+    assert cfg.batch_size == 8
     (tmp_path / "edu_fineweb10B").mkdir()
     (tmp_path / "edu_fineweb10B" / "edufineweb_train_000001.npy").touch()
-    assert train_gpt2.parse_config([]).preset == "gpt2-124m"  # what `torchrun ... train_gpt2.py` reproduces
+    assert config.parse_config([]).preset == "gpt2-124m"  # what `torchrun ... train_gpt2.py` reproduces
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,287 @@
+"""The training configuration: `TrainConfig` (defaults = the GPT-2 124M reproduction), named presets, and the
+command line that overrides them.
+
+Every `TrainConfig` field is a flag `--field value`; `--preset NAME` picks a named set of values and flags given
+on the command line override it. Every number is checked against `BOUNDS` in one place, so nonsense such as
+`--max_lr nan` or `--dropout 1.5` is one line naming the flag, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from model import MODEL_TYPES
+
+FINEWEB_DIR = "edu_fineweb10B"
+DATA_KINDS = ("shards", "char", "gpt2-text")
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults are the GPT-2 124M reproduction on FineWeb-EDU 10B tokens (build-nanogpt's settings)."""
+
+    preset: str = ""  # a name in PRESETS; "" = gpt2-124m when FINEWEB_DIR has shards, else shakespeare-char
+    # data
+    data: str = "shards"  # shards (data_dir) | char | gpt2-text (the last two tokenize text_path)
+    data_dir: str = FINEWEB_DIR
+    text_path: str = "input.txt"
+    val_fraction: float = 0.1  # text data: the last 10% is validation
+    shuffle: bool = True  # seeded shuffling of shard, document and row order, new every epoch
+    # model: from scratch, or --init gpt2|HF_DIR|CHECKPOINT (then the model fields below are ignored)
+    init: str = ""
+    model_type: str = "gpt"  # gpt | bigram
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    vocab_size: int = 50304  # 50257 padded to a multiple of 128 for faster matmuls; 0 = the tokenizer's
+    block_size: int = 1024  # T, the sequence length trained on
+    # optimization
+    batch_size: int = 64  # B, the micro-batch of one rank; 0 (`auto`) = the largest that fits, up to the preset's
+    total_batch_size: int = 524288  # tokens per optimizer step, over all ranks and accumulation steps
+    max_steps: int = 19073  # 10B tokens / 524,288
+    max_lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 715  # 375M tokens, as GPT-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+    nonfinite_skips: int = 0  # steps with a non-finite loss or gradient skipped before the run stops
+    seed: int = 1337
+    # evaluation and logging
+    eval_interval: int = 250
+    eval_iters: int = 20  # validation batches per evaluation (per rank)
+    eval_only: bool = False
+    target_val_loss: float = 0.0  # record the step, tokens and time at which val loss first reaches it; 0 = off
+    stop_at_target: bool = False  # and stop there
+    hellaswag: bool = True  # score HellaSwag at every eval when its cached val set is there
+    hellaswag_jsonl: str = ""  # score this HellaSwag .jsonl at every eval (whatever --hellaswag says)
+    hellaswag_limit: int = 0  # evaluate the first N examples only; 0 = all
+    sample_interval: int = 250  # 0 = only at the end
+    num_samples: int = 4
+    sample_tokens: int = 32
+    sample_prompt: str = "Hello, I'm a language model,"
+    log_interval: int = 1  # console line every N steps (metrics.jsonl gets every step)
+    peak_flops: float = 0.0  # per-device peak for MFU; 0 = from the GPU table (no MFU on CPU)
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "gpt2-repro"
+    # run directory and checkpoints
+    out_dir: str = ""  # "" = out/PRESET
+    ckpt_interval: int = 5000  # also at the last step; 0 = only when stopped by a signal
+    keep_last: int = 3  # checkpoints kept in out_dir; 0 = all
+    resume: str = ""  # "" (fresh) | auto (newest valid checkpoint in out_dir, or fresh) | PATH
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (autocast precision)
+    compile: bool = True  # torch.compile the training forward/backward
+
+
+INF = math.inf
+# the allowed range of every number, as (low, high, low included, high included); all must be finite
+BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
+    "val_fraction": (0, 1, False, False),
+    "n_layer": (1, INF, True, False),
+    "n_head": (1, INF, True, False),
+    "n_embd": (1, INF, True, False),
+    "dropout": (0, 1, True, False),
+    "vocab_size": (0, 2**31 - 1, True, True),
+    "block_size": (1, INF, True, False),
+    "batch_size": (0, INF, True, False),
+    "total_batch_size": (1, INF, True, False),
+    "max_steps": (0, INF, True, False),
+    "max_lr": (0, INF, False, False),
+    "min_lr": (0, INF, True, False),
+    "warmup_steps": (0, INF, True, False),
+    "weight_decay": (0, INF, True, False),
+    "beta1": (0, 1, True, False),
+    "beta2": (0, 1, True, False),
+    "eps": (0, INF, False, False),
+    "grad_clip": (0, INF, True, False),
+    "nonfinite_skips": (0, INF, True, False),
+    "seed": (0, 2**63 - 1, True, True),
+    "eval_interval": (1, INF, True, False),
+    "eval_iters": (1, INF, True, False),
+    "target_val_loss": (0, INF, True, False),
+    "hellaswag_limit": (0, INF, True, False),
+    "sample_interval": (0, INF, True, False),
+    "num_samples": (0, INF, True, False),
+    "sample_tokens": (0, INF, True, False),
+    "log_interval": (1, INF, True, False),
+    "peak_flops": (0, INF, True, False),
+    "ckpt_interval": (0, INF, True, False),
+    "keep_last": (0, INF, True, False),
+}
+CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_NAMES}
+
+SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
+PRESETS: dict[str, dict] = {
+    # nanoGPT's CPU model (4 x 128, context 64) at batch 32 and 4x its learning rate: val loss 1.859 after
+    # 600 steps (1.2M tokens; the recipe needs 2000 steps, 1.5M tokens, for 1.887), 1.824 at step 700
+    "shakespeare-char": SHAKESPEARE | dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, total_batch_size=2048, max_steps=700,
+        max_lr=4e-3, min_lr=4e-4, warmup_steps=50, weight_decay=0.1, beta2=0.99, eval_interval=100, eval_iters=20,
+        sample_interval=0, num_samples=1, sample_tokens=200, log_interval=100, ckpt_interval=1000, compile=False,
+        dtype="float32",
+    ),
+    # the lecture's baseline: a 65x65 table of next-character logits
+    "shakespeare-bigram": SHAKESPEARE | dict(
+        model_type="bigram", block_size=8, batch_size=32, total_batch_size=256, max_steps=1500, max_lr=1e-2,
+        min_lr=1e-3, warmup_steps=0, weight_decay=0.0, eval_interval=500, eval_iters=50, sample_interval=0,
+        num_samples=1, sample_tokens=200, log_interval=250, ckpt_interval=1500, compile=False, dtype="float32",
+    ),
+    "shakespeare-gpt2": dict(
+        data="gpt2-text", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=2048,
+        max_steps=1000, max_lr=1e-3, min_lr=1e-4, warmup_steps=50, eval_interval=100, eval_iters=20,
+        sample_interval=0, num_samples=1, sample_tokens=64, sample_prompt="ROMEO:", log_interval=50,
+        ckpt_interval=1000, compile=False, hellaswag=False,
+    ),
+    # the lecture's exercise: GPT-2 (or any model) finetuned on Shakespeare, constant small LR, few steps
+    "finetune-shakespeare": dict(
+        data="gpt2-text", init="gpt2", block_size=256, batch_size=4, total_batch_size=4096, max_steps=50,
+        max_lr=3e-5, min_lr=3e-5, warmup_steps=0, eval_interval=10, eval_iters=5, sample_interval=0,
+        num_samples=1, sample_tokens=64, sample_prompt="ROMEO:", log_interval=5, ckpt_interval=50,
+        compile=False, hellaswag=False,
+    ),
+    "gpt2-124m": {},
+    # GPT-2's larger shapes with the GPT-3 paper's learning rate and batch for their size (Table 2.1);
+    # warmup stays at 375M tokens
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, batch_size=32, max_lr=3e-4, min_lr=3e-5),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, batch_size=16, max_lr=2.5e-4, min_lr=2.5e-5),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, batch_size=8, max_lr=2e-4, min_lr=2e-5,
+                       total_batch_size=1048576, max_steps=9537, warmup_steps=358),
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag and what to change."""
+
+
+def parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_batch_size(s: str) -> int:
+    """`--batch_size auto` is 0: probe the largest micro-batch that fits (on CUDA; elsewhere the preset's)."""
+    return 0 if s.strip().lower() == "auto" else int(s)
+
+
+def preset_batch_size(preset: str) -> int:
+    return PRESETS.get(preset, {}).get("batch_size", TrainConfig.batch_size)
+
+
+def config_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    for f in fields(TrainConfig):
+        if f.type in ("bool", bool):
+            # `--compile false`, or a bare `--eval_only`
+            p.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=None,
+                           metavar="true|false", help=f"default: {f.default}")
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            if f.name == "batch_size":
+                kind = parse_batch_size
+            p.add_argument(f"--{f.name}", type=kind, default=None, help=f"default: {f.default!r}")
+    return p
+
+
+def default_preset(given: dict) -> str:
+    """No preset and no data flag: GPT-2 124M if FineWeb shards are there, else the CPU demo."""
+    if "data" in given or "data_dir" in given:
+        return "gpt2-124m"
+    has_fineweb = Path(FINEWEB_DIR).is_dir() and any(Path(FINEWEB_DIR).glob("*_train_*.npy"))
+    return "gpt2-124m" if has_fineweb else "shakespeare-char"
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> TrainConfig:
+    """Dataclass defaults, then the preset, then the flags given; `ConfigError` for anything that cannot work."""
+    args, unknown = config_parser(description).parse_known_args(argv)
+    if unknown:
+        bad = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(bad.lstrip("-"), [f.name for f in fields(TrainConfig)], n=1)
+        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the fields"
+        raise ConfigError(f"unknown option {bad}{hint}")
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get("preset") or default_preset(given)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    values = PRESETS[preset] | given | {"preset": preset}
+    if not values.get("out_dir"):
+        values["out_dir"] = str(Path("out") / preset)
+    cfg = dataclasses.replace(TrainConfig(), **values)
+    check_config(cfg)
+    return cfg
+
+
+def out_of_bounds(name: str, value: float) -> str:
+    """Why `value` is not allowed for `name` ("" when it is)."""
+    lo, hi, lo_in, hi_in = BOUNDS[name]
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if value < lo or (value == lo and not lo_in) or value > hi or (value == hi and not hi_in):
+        left, right = "[" if lo_in else "(", "]" if hi_in else ")"
+        return f"must be in {left}{lo:g}, {hi:g}{right}"
+    return ""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, saying what to change (rank-independent checks only)."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for name in BOUNDS:
+        why = out_of_bounds(name, getattr(cfg, name))
+        if why:
+            raise ConfigError(f"--{name} {getattr(cfg, name)} {why}")
+    if cfg.min_lr > cfg.max_lr:
+        raise ConfigError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}; lower it")
+    if cfg.eval_only and not cfg.init:
+        raise ConfigError("--eval_only needs a model: --init gpt2|HF_DIR|CHECKPOINT")
+    if cfg.stop_at_target and cfg.target_val_loss <= 0:
+        raise ConfigError("--stop_at_target needs --target_val_loss X (the val loss to stop at)")
+
+
+def fit_to_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """Under more ranks than a preset's batch was sized for, a smaller micro-batch keeps the total batch exact.
+
+    Only the preset's own micro-batch is lowered; a different `--batch_size` is kept as given.
+    """
+    preset_batch = preset_batch_size(cfg.preset)
+    per_rank = cfg.batch_size * cfg.block_size * world_size
+    if cfg.batch_size != preset_batch or per_rank <= cfg.total_batch_size:
+        return cfg
+    if cfg.total_batch_size % (cfg.block_size * world_size):
+        return cfg
+    return dataclasses.replace(cfg, batch_size=cfg.total_batch_size // (cfg.block_size * world_size))
+
+
+def auto_batch(cfg: TrainConfig, device: str) -> bool:
+    """Whether to probe the micro-batch: asked for (`auto`), or on CUDA with the preset's own value."""
+    return cfg.batch_size == 0 or (device.startswith("cuda") and cfg.batch_size == preset_batch_size(cfg.preset))
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % per_step:
+        raise ConfigError(
+            f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x block_size x "
+            f"world_size = {cfg.batch_size} x {cfg.block_size} x {world_size} = {per_step}; "
+            f"use e.g. --total_batch_size {max(1, round(cfg.total_batch_size / per_step)) * per_step}"
+        )
+    return cfg.total_batch_size // per_step
