@@ -1,8 +1,12 @@
 """GPT-2, exactly as OpenAI's, in one file, plus the lecture's bigram baseline.
 
+GPTConfig also offers later practice, each option off by default: rotary positions, RMSNorm, relu², QK-norm,
+an untied head, logit soft-capping and zero-initialised projections (the Muon optimizer is in muon.py).
+
 References:
 1) OpenAI's GPT-2 TensorFlow implementation and the Hugging Face `transformers` one (same parameter names).
 2) "Language Models are Unsupervised Multitask Learners" (GPT-2) and "Attention Is All You Need".
+3) RoFormer (rotary embeddings); nanochat and the modded-nanogpt speedrun for the other options.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     # later practice (nanochat, the modded-nanogpt speedrun); each default is GPT-2's
-    pos: str = "learned"  # learned: absolute position table wpe; rope: rotary q/k, no wpe
+    # learned: absolute position table wpe; rope: rotary q/k, no wpe. Either way a forward pass covers at most
+    # block_size positions; generation past it slides a window over the last block_size tokens (see next_logits)
+    pos: str = "learned"
     norm: str = "layernorm"  # layernorm (with gain, and bias if `bias`); rmsnorm: parameter-free RMSNorm
     mlp: str = "gelu"  # gelu (tanh approximation); relu2: relu(x)**2
     qk_norm: bool = False  # parameter-free RMSNorm of each head's queries and keys
