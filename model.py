@@ -1,8 +1,12 @@
 """GPT-2, exactly as OpenAI's, in one file, plus the lecture's bigram baseline.
 
+GPTConfig also offers later practice, each option off by default: rotary positions, RMSNorm, relu², QK-norm,
+an untied head, logit soft-capping and zero-initialised projections (the Muon optimizer is in muon.py).
+
 References:
 1) OpenAI's GPT-2 TensorFlow implementation and the Hugging Face `transformers` one (same parameter names).
 2) "Language Models are Unsupervised Multitask Learners" (GPT-2) and "Attention Is All You Need".
+3) RoFormer (rotary embeddings); nanochat and the modded-nanogpt speedrun for the other options.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from muon import CombinedOptimizer, Muon
 
 HF_MODELS = {
     # name: (n_layer, n_head, n_embd); all have vocab 50257 and 1024 positions
@@ -37,6 +43,66 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    # later practice (nanochat, the modded-nanogpt speedrun); each default is GPT-2's
+    # learned: absolute position table wpe; rope: rotary q/k, no wpe. Either way a forward pass covers at most
+    # block_size positions; generation past it slides a window over the last block_size tokens (see next_logits)
+    pos: str = "learned"
+    norm: str = "layernorm"  # layernorm (with gain, and bias if `bias`); rmsnorm: parameter-free RMSNorm
+    mlp: str = "gelu"  # gelu (tanh approximation); relu2: relu(x)**2
+    qk_norm: bool = False  # parameter-free RMSNorm of each head's queries and keys
+    tie_embeddings: bool = True  # lm_head shares wte's weight
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c); 0 = off
+    zero_init: bool = False  # residual output projections (c_proj) start at zero
+
+    def __post_init__(self) -> None:
+        for field, allowed in CONFIG_CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"GPTConfig.{field} must be one of {', '.join(allowed)}; got {getattr(self, field)!r}")
+        if not self.logit_softcap >= 0:  # also refuses NaN
+            raise ValueError(f"GPTConfig.logit_softcap must be >= 0 (0 = off); got {self.logit_softcap}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig.pos 'rope' needs an even head size; n_embd/n_head is "
+                             f"{self.n_embd // self.n_head}, change n_embd or n_head")
+
+
+# the allowed values of GPTConfig's string options, first the GPT-2 default
+CONFIG_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
+ROPE_BASE = 10000.0  # RoFormer's θ base: frequencies θ_i = base^(-2i/head_size)
+RMSNORM_EPS = 1e-5  # as nn.LayerNorm's default
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) over the last dimension, without a gain: nothing to learn, nothing to decay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), eps=RMSNORM_EPS)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
+
+
+def rotary_tables(head_size: int, n_pos: int, base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n_pos, head_size/2) of the angle p·θ_i for position p and frequency θ_i, in float32."""
+    inv_freq = base ** -(torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angle = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by its position's angles (T, hs/2): the pair (x[i], x[i + hs/2]) is a complex number
+    multiplied by e^{i p θ_i} (the half-split layout of GPT-NeoX/Llama), so q·k depends only on the offset."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap·tanh(logits/cap), in float32: logits stay in (-cap, cap), smoothly; cap 0 returns them unchanged."""
+    return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits
+
+
+RopeAngles = tuple[torch.Tensor, torch.Tensor]  # cos, sin (T, head_size/2) of the positions being run
 
 
 class KVCache:
@@ -68,12 +134,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: RopeAngles | None = None
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # before caching: cached keys keep the rotation of their own position
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.qk_norm:  # a rotation keeps the norm, so the order with rope does not matter
+            q, k = F.rms_norm(q, (q.size(-1),), eps=RMSNORM_EPS), F.rms_norm(k, (k.size(-1),), eps=RMSNORM_EPS)
         mask, is_causal = None, T > 1
         if kv_cache is not None:
             past = kv_cache.pos
@@ -96,12 +169,18 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        # GPT-2 used GELU's tanh approximation; relu² (Primer, So et al. 2021) is cheaper and sparser
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLU2()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class ReLU2(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 class Block(nn.Module):
@@ -109,13 +188,15 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: RopeAngles | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -199,47 +280,92 @@ class LanguageModel(nn.Module):
         eps: float = 1e-8,
         device_type: str = "cpu",
         verbose: bool = True,
-    ) -> torch.optim.AdamW:
-        """AdamW that decays matrices and embeddings (≥2-D) but not biases and LayerNorm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+    ) -> torch.optim.AdamW | CombinedOptimizer:
+        """AdamW that decays matrices and embeddings (≥2-D) but not biases and LayerNorm gains; with `optimizer`
+        "muon", Muon (`muon_*` settings) takes the blocks' matrices and that AdamW keeps the rest.
+
+        Every group carries "lr_scale", its peak LR over `learning_rate` (1 for AdamW's groups): a schedule
+        computed for `learning_rate` sets each group["lr"] = lr * group["lr_scale"].
+        """
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0 (the LR schedule scales from it); got {learning_rate}")
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # tied weights appear once
+        hidden = [(n, p) for n, p in named if optimizer == "muon" and is_hidden_matrix(n, p)]
+        if optimizer == "muon" and not hidden:
+            raise ValueError(f"optimizer 'muon': a {type(self).__name__} has no hidden matrices; use adamw")
+        hidden_ids = {id(p) for _, p in hidden}
+        params = [p for _, p in named if id(p) not in hidden_ids]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
         ]
         # the fused kernel is one launch for all parameters: much faster on CUDA and on CPU
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
+        muon_text = f"Muon: {len(hidden)}, {sum(p.numel() for _, p in hidden):,} parameters; " if hidden else ""
         if verbose:
             print(
-                f"decayed tensors: {len(decay)}, {sum(p.numel() for p in decay):,} parameters; "
+                f"{muon_text}decayed tensors: {len(decay)}, {sum(p.numel() for p in decay):,} parameters; "
                 f"not decayed: {len(no_decay)}, {sum(p.numel() for p in no_decay):,} parameters; "
                 f"fused AdamW: {fused}"
             )
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
+        if optimizer == "adamw":
+            return adamw
+        # c_attn is the query, key and value maps side by side: Muon orthogonalises each on its own
+        muon_groups = [
+            {"params": [p for n, p in hidden if n.endswith("attn.c_attn.weight")], "split": 3},
+            {"params": [p for n, p in hidden if not n.endswith("attn.c_attn.weight")], "split": 1},
+        ]
+        muon_groups = [g | {"lr_scale": muon_lr / learning_rate} for g in muon_groups if g["params"]]
+        muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
+        return CombinedOptimizer([adamw, muon])
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside the Transformer blocks (c_attn, c_proj, c_fc): Muon's; embeddings and the head are not."""
+    return name.startswith("transformer.h.") and p.dim() == 2
 
 
 class GPT(LanguageModel):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules |= dict(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output projection is the token embedding (GPT-2 does this; saves 38M params)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying: the output projection is the token embedding (GPT-2 does this; saves 38M params)
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.pos == "rope":
+            # not saved: recomputed from the config, and the state dict keeps GPT-2's keys
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # residual projections add into the stream once per sublayer: scale so its variance stays ~1
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:  # each block starts as the identity; the stream is the embedding alone
+                    nn.init.zeros_(p)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -257,10 +383,14 @@ class GPT(LanguageModel):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            x = block(x, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)
@@ -269,7 +399,7 @@ class GPT(LanguageModel):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T; -1 = ignore), the mean cross-entropy."""
-        logits = self.lm_head(self.hidden_states(idx))
+        logits = soft_cap(self.lm_head(self.hidden_states(idx)), self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -286,14 +416,20 @@ class GPT(LanguageModel):
                 state["cache"] = cache
             x = self.hidden_states(idx[:, cache.pos :], cache)
         else:
-            # past block_size the absolute positions of every token shift: recompute the cropped window
+            # past block_size the absolute positions of every token shift: recompute the cropped window.
+            # With rope the window restarts at position 0, which changes nothing (attention sees only offsets):
+            # a sliding window of the last block_size tokens, without the cache.
             x = self.hidden_states(idx[:, -self.config.block_size :])
-        return self.lm_head(x[:, -1, :])
+        return soft_cap(self.lm_head(x[:, -1, :]), self.config.logit_softcap)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (tied weights once); `non_embedding` leaves out the position embeddings."""
+        """Parameter count (tied weights once); `non_embedding` leaves out the table lookups that are no matmul:
+        the position embeddings, and the token embeddings when the head has its own weight."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n -= 0 if self.config.tie_embeddings else self.transformer.wte.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention scores (PaLM app. B)."""
