@@ -8,6 +8,7 @@ References:
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import pickle
 from collections.abc import Iterator
@@ -306,15 +307,12 @@ class GPT(LanguageModel):
         """OpenAI's GPT-2 weights (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) or a local HF directory."""
         from transformers import GPT2LMHeadModel
 
+        if Path(name_or_dir).is_dir():
+            check_hf_config(Path(name_or_dir) / "config.json")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:
-            raise ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {str(e).splitlines()[0]}") from None
-        except pickle.UnpicklingError as e:  # a pytorch_model.bin refused by weights_only loading
-            from checkpoint import refused_object
-
-            raise ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
-                             f"({refused_object(str(e))}); use safetensors weights from a source you trust") from None
+        except Exception as e:
+            raise hf_load_error(name_or_dir, e) from None
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, bias=True)
@@ -346,6 +344,48 @@ class GPT(LanguageModel):
 
         ckpt = load_checkpoint(path, map_location=map_location)
         return model_from_checkpoint(ckpt, str(path)), tokenizer_from_dict(ckpt["tokenizer"])
+
+
+HF_CONFIG_SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")  # the fields GPTConfig takes
+
+
+def check_hf_config(path: Path) -> None:
+    """A Hugging Face config.json that is JSON with positive integer sizes, before `transformers` trips on it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # transformers says what is missing
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ValueError(f"{path}: not a readable JSON config ({str(e).splitlines()[0]}); fix or re-download it") \
+            from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a {type(config).__name__}, not a JSON object; fix or re-download it")
+    for key in HF_CONFIG_SIZES:
+        value = config.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{path}: {key} is {value!r}, expected a positive integer; fix or re-download it")
+
+
+def hf_load_error(name_or_dir: str, e: Exception) -> ValueError:
+    """One line for what `GPT2LMHeadModel.from_pretrained` raised, naming the file at fault where known."""
+    from safetensors import SafetensorError
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, pickle.UnpicklingError):  # a pytorch_model.bin refused by weights_only loading
+        from checkpoint import refused_object
+
+        return ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
+                          f"({refused_object(str(e))}); use safetensors weights from a source you trust")
+    if isinstance(e, SafetensorError):
+        weights = Path(name_or_dir) / "model.safetensors"
+        where = weights if weights.is_file() else name_or_dir
+        return ValueError(f"{where}: not a readable safetensors file ({first}); it is corrupt or truncated, "
+                          "download or export it again")
+    if isinstance(e, OSError):
+        return ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {first}")
+    detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # strict-dataclass errors: 2 lines
+    return ValueError(f"{name_or_dir}: transformers cannot load it ({type(e).__name__}: {detail}); check its "
+                      "config.json and weights, or re-download it")
 
 
 class BigramLanguageModel(LanguageModel):
@@ -414,6 +454,18 @@ def model_checkpoint_fields(model: LanguageModel, tokenizer: Tokenizer) -> dict:
     }
 
 
+TRAINING_CONFIG_KEYS = ("max_steps", "preset")  # in train_gpt2.py's config.json, never in a Hugging Face one
+
+
+def is_training_config(path: Path) -> bool:
+    """Whether `path` is the config.json train_gpt2.py writes into a run dir (not a Hugging Face model config)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and any(k in config for k in TRAINING_CONFIG_KEYS)
+
+
 def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
     """`gpt2`-family name, a local Hugging Face directory, or one of our checkpoint files."""
     from checkpoint import latest_checkpoint
@@ -421,6 +473,9 @@ def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tok
     path = Path(spec)
     # a run dir has a config.json too (the training config): its checkpoints decide
     is_run_dir = path.is_dir() and latest_checkpoint(path) is not None
+    if path.is_dir() and not is_run_dir and is_training_config(path / "config.json"):
+        raise ValueError(f"{spec}: no checkpoints in {spec} yet (it is a train_gpt2.py run dir with no ckpt_*.pt); "
+                         "wait for its first checkpoint (--ckpt_interval) or pass a checkpoint file")
     if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
         return GPT.from_pretrained(spec), get_tokenizer("gpt2")
     if path.is_dir():
