@@ -10,6 +10,7 @@ training adds `TRAINING_KEYS` (optimizer, step, loader and RNG states). A run di
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import random
@@ -182,11 +183,26 @@ def from_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Langua
     return model_from_checkpoint(ckpt, str(path)), tokenizer_from_dict(ckpt["tokenizer"])
 
 
+TRAINING_CONFIG_KEYS = ("max_steps", "preset")  # in train_gpt2.py's config.json, never in a Hugging Face one
+
+
+def is_training_config(path: Path) -> bool:
+    """Whether `path` is the config.json train_gpt2.py writes into a run dir (not a Hugging Face model config)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and any(k in config for k in TRAINING_CONFIG_KEYS)
+
+
 def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
     """`gpt2`-family name, a local Hugging Face directory, a run directory (its newest checkpoint) or a file."""
     path = Path(spec)
     # a run dir has a config.json too (the training config): its checkpoints decide
     is_run_dir = path.is_dir() and latest_checkpoint(path) is not None
+    if path.is_dir() and not is_run_dir and is_training_config(path / "config.json"):
+        raise ValueError(f"{spec}: no checkpoints in {spec} yet (it is a train_gpt2.py run dir with no ckpt_*.pt); "
+                         "wait for its first checkpoint (--ckpt_interval) or pass a checkpoint file")
     if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
         return GPT.from_pretrained(spec), get_tokenizer("gpt2")
     if path.is_dir():

@@ -11,6 +11,11 @@ classic `vocab.json` + `merges.txt`, all derived from the BPE ranks that `tokeni
 tokenizer there (id i is character i of its `chars`), since that vocabulary is not a Hugging Face tokenizer.
 Before the directory appears, the exported model is loaded back with `transformers` and its logits checked
 against ours.
+
+The export is written to a new directory and renamed into place. `gpt2_repro_export.json` in it names the source
+checkpoint (and its sha256) and every file written; an existing OUT_DIR is replaced only when it is such an export
+holding nothing else, so a run directory, a checkpoint's own directory or any directory with files of someone
+else's is never touched.
 """
 
 from __future__ import annotations
@@ -18,18 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from fileio import public_mode, sha256_of
 from model import CONV1D_WEIGHTS, GPT, GPTConfig
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 
 OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"
+EXPORT_MARKER = "gpt2_repro_export.json"  # what makes a directory an export of ours, and which files are ours
+EXPORT_FORMAT = "gpt2-repro Hugging Face export v1"
 VERIFY_RTOL = 1e-4  # fp32 logits of the same weights through two implementations, relative to their scale
 
 
@@ -171,24 +179,85 @@ def resolve_checkpoint(spec: str | Path) -> Path:
     return path
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished export into place; an existing export there is replaced only once the new one is whole."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
+def _owned_files(out_dir: Path) -> set[str] | None:
+    """The files an earlier export recorded in its marker (the marker included); None when it is not our export."""
+    try:
+        marker = json.loads((out_dir / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT or not isinstance(marker.get("files"),
+                                                                                                 list):
+        return None
+    return {str(f) for f in marker["files"]} | {EXPORT_MARKER}
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse an OUT_DIR that holds anything export_hf.py did not write: only a previous export is replaced."""
+    if not out_dir.exists() and not out_dir.is_symlink():
         return
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-    os.replace(out_dir, old / out_dir.name)
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a directory; choose a new output directory")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    hint = "choose a new output directory"
+    checkpoints = [e for e in entries if e.startswith("ckpt_") and e.endswith(".pt")]
+    if checkpoints or "metrics.jsonl" in entries:
+        what = checkpoints[0] if checkpoints else "metrics.jsonl"
+        raise ValueError(f"{out_dir}: is a training run directory (it holds {what}), never replaced by an export; "
+                         f"{hint} (e.g. {out_dir}-hf)")
+    owned = _owned_files(out_dir)
+    if owned is None:
+        raise ValueError(f"{out_dir}: exists and was not written by export_hf.py (no valid {EXPORT_MARKER} in it), "
+                         f"so it is not replaced; {hint}, or empty it yourself")
+    foreign = [e for e in entries if e not in owned or not (out_dir / e).is_file() or (out_dir / e).is_symlink()]
+    if foreign:
+        raise ValueError(f"{out_dir / foreign[0]}: not written by export_hf.py, so {out_dir} is not replaced; "
+                         f"move that file away or {hint}")
+
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    """A new directory beside `out_dir`, made by `mkdir` so its mode follows the umask (mkdtemp's is 0700)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp.{secrets.token_hex(6)}"
+    tmp.mkdir()
+    return tmp
+
+
+def _write_marker(tmp: Path, path: Path) -> None:
+    """Record the source checkpoint and the files written, after giving them the umask's permissions."""
+    files = sorted(p.name for p in tmp.iterdir())
+    mode = public_mode()
+    for name in files:
+        os.chmod(tmp / name, mode)
+    marker = {"format": EXPORT_FORMAT, "checkpoint": str(path.resolve()), "sha256": sha256_of(path), "files": files}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export into place; an earlier export is moved aside first and only its own files deleted."""
+    check_replaceable(out_dir)  # again: the directory may have changed while the export was written
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        os.replace(tmp, out_dir)  # a rename onto an empty directory replaces it
+        return
+    old = out_dir.parent / f".{out_dir.name}.old.{secrets.token_hex(6)}"
+    os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    shutil.rmtree(old)
+    owned = _owned_files(old) or set()
+    for f in old.iterdir():  # entries that are there, never a path the marker names elsewhere
+        if f.name in owned and f.is_file() and not f.is_symlink():
+            f.unlink()
+    try:
+        old.rmdir()
+    except OSError:  # something appeared there meanwhile: it is not ours to delete
+        print(f"warning: kept {old}: it holds files export_hf.py did not write", file=sys.stderr)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> dict:
     """Write the Hugging Face directory for `checkpoint` to `out_dir`; returns a summary dict."""
     path = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir)
-    occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
-    if occupied and not (out_dir / "config.json").is_file():  # never replace anything but an earlier export
-        raise ValueError(f"{out_dir}: exists and is not a Hugging Face model dir; choose a new output directory")
+    check_replaceable(out_dir)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path))
     tokenizer: Tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
@@ -200,8 +269,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> 
 
     hf = to_hf_model(model, vocab_size, tokenizer.eot)
     params = sum(p.numel() for p in hf.parameters())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
+    tmp = _make_temp_dir(out_dir)
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         del hf  # the check below loads the files back: one copy fewer in memory for the large sizes
@@ -215,6 +283,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> 
             diff, scale = max_logit_diff(model, GPT2LMHeadModel.from_pretrained(tmp), vocab_size)
             if not diff <= VERIFY_RTOL * scale:
                 raise RuntimeError(f"exported model disagrees with {path}: max |logit difference| {diff:.3g}")
+        _write_marker(tmp, path)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,13 +302,15 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Export a gpt2-repro checkpoint to a Hugging Face GPT-2 directory.")
     p.add_argument("checkpoint", help="checkpoint file (ckpt_*.pt) or run dir (its newest checkpoint)")
-    p.add_argument("out_dir", help="directory to write (created; a previous export there is replaced)")
+    p.add_argument("out_dir", help="directory to write (created; only a previous export there is replaced)")
     p.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
     args = p.parse_args(argv)
     try:
         s = export(args.checkpoint, args.out_dir, verify=not args.no_verify)
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a read-only or full disk, a parent that is a file
+        sys.exit(f"error: {e.filename or args.out_dir}: {e.strerror or e}; check the output directory")
     print(f"exported {s['checkpoint']} -> {s['out_dir']}: {s['params']:,} parameters, vocab {s['vocab_size']}"
           + (f" ({s['padded_rows_dropped']} padded rows dropped)" if s["padded_rows_dropped"] else ""))
     if s["max_logit_diff"] is not None:

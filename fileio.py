@@ -58,8 +58,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def refused_object(message: str) -> str:
-    """torch's multi-paragraph refusal (with terminal escapes) reduced to the part naming what was refused."""
-    for line in message.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()[:160]
-    return re.sub(r"\x1b\[[0-9;]*m", "", message.strip().splitlines()[0])[:120]
+    """The sentence of torch's multi-paragraph refusal (with terminal escapes) that names what was refused, whole."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    _, found, detail = text.partition("WeightsUnpickler error:")  # "...error: Unsupported global: GLOBAL x was not..."
+    if not found:  # "Trying to load unsupported GLOBAL x whose module y is blocked."
+        detail = next((line for line in text.splitlines() if "unsupported global" in line.lower()), "")
+    line = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+    return line.split(". ")[0].rstrip(".") or "torch.load with weights_only=True refused it"

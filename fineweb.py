@@ -184,7 +184,17 @@ def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int):
     if columns is not None and cfg.text_column not in columns:
         raise FinewebError(f"the corpus has no column {cfg.text_column!r} (columns: {', '.join(columns)}); "
                            "pass --text_column")
+    feature = (ds.features or {}).get(cfg.text_column)
+    kind = getattr(feature, "dtype", type(feature).__name__)
+    if feature is not None and kind not in ("string", "large_string"):
+        raise FinewebError(f"{source_name(cfg)}: column {cfg.text_column!r} holds {kind}, not text; "
+                           "pick another --text_column or clean the corpus")
     return ds.select_columns([cfg.text_column])
+
+
+def source_name(cfg: JobConfig) -> str:
+    """The corpus as the user named it, for messages."""
+    return " ".join(cfg.data_files) if cfg.data_files else cfg.dataset
 
 
 def text_bytes(ds, cfg: JobConfig, files: list[Path]) -> int | None:
@@ -223,8 +233,8 @@ def document_batches(ds, cfg: JobConfig, start_doc: int) -> Iterator[list[str]]:
         texts = batch[cfg.text_column]
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise FinewebError(f"document {doc + i} has {type(t).__name__} in column {cfg.text_column!r}, "
-                                   "not text; clean the corpus or pick another --text_column")
+                raise FinewebError(f"{source_name(cfg)}: document {doc + i} has {type(t).__name__} in column "
+                                   f"{cfg.text_column!r}, not text; clean the corpus or pick another --text_column")
         doc += len(texts)
         yield texts
 
@@ -512,9 +522,21 @@ def write_shards(ds, cfg: JobConfig, manifest: dict, start: Position, num_proc: 
     return new_tokens
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse up front an --out_dir that is a file, lies inside one, or cannot be written (nothing is created)."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        where = "is" if existing == out_dir else f"is inside {existing}, which is"
+        raise FinewebError(f"--out_dir {out_dir} {where} a file, not a directory; pick another --out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinewebError(f"--out_dir {out_dir}: {existing} is not writable (read-only?); make it writable or "
+                           "pick another --out_dir")
+
+
 def run(cfg: JobConfig) -> dict:
     """Tokenize the corpus into shards in `cfg.out_dir` (resuming a previous run); returns the manifest."""
     out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir)
     files = resolve_data_files(cfg.data_files) if cfg.data_files else []
     manifest, start, old = plan(cfg, files)
     if old is not None and old.get("complete") and len(manifest["shards"]) == len(old["shards"]):
@@ -525,10 +547,13 @@ def run(cfg: JobConfig) -> dict:
         print(f"resuming: keeping {len(manifest['shards'])} finished shards, going on from document {start.doc:,}")
     num_proc = cfg.num_proc or default_num_proc()
     ds = load_corpus(cfg, files, num_proc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out_dir, cfg.prefix)
     n_docs = None if cfg.streaming else len(ds)
     n_bytes = text_bytes(ds, cfg, files)
+    if n_bytes == 0:  # else every document would be a lone EOT
+        raise FinewebError(f"{source_name(cfg)}: no text in it (documents: {n_docs if n_docs is not None else '?'}, "
+                           "all empty); nothing to tokenize, check --data_files and --text_column")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir, cfg.prefix)
     if n_bytes is not None and n_docs:  # only what is left to do
         n_bytes = int(n_bytes * max(0, n_docs - start.doc) / n_docs)
     done = sum(s["tokens"] for s in manifest["shards"])
@@ -540,6 +565,9 @@ def run(cfg: JobConfig) -> dict:
     new_tokens = write_shards(ds, cfg, manifest, start, num_proc, n_docs)
     if not manifest["shards"]:
         raise FinewebError("the corpus has no documents; nothing written")
+    if all(s["tokens"] == s["documents"] for s in manifest["shards"]):  # known only now for a stream
+        raise FinewebError(f"{source_name(cfg)}: no text in it (every document is empty), so {out_dir} holds only "
+                           "end-of-text tokens; delete it and check --data_files and --text_column")
     manifest["complete"] = True
     manifest["total_tokens"] = sum(s["tokens"] for s in manifest["shards"])
     manifest["total_documents"] = sum(s["documents"] for s in manifest["shards"])
@@ -635,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg)
     except FinewebError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a path that turned unwritable after the checks, an I/O error
+        sys.exit(f"error: {e.filename or cfg.out_dir}: {e.strerror or e}; check the path and its permissions")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: the finished shards in {cfg.out_dir} are kept; re-run the same command to resume")
 

@@ -12,15 +12,18 @@ References:
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from fileio import refused_object
 from muon import CombinedOptimizer, Muon
 
 HF_MODELS = {
@@ -441,15 +444,12 @@ class GPT(LanguageModel):
         """OpenAI's GPT-2 weights (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) or a local HF directory."""
         from transformers import GPT2LMHeadModel
 
+        if Path(name_or_dir).is_dir():
+            check_hf_config(Path(name_or_dir) / "config.json")
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:
-            raise ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {str(e).splitlines()[0]}") from None
-        except pickle.UnpicklingError as e:  # a pytorch_model.bin refused by weights_only loading
-            from fileio import refused_object
-
-            raise ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
-                             f"({refused_object(str(e))}); use safetensors weights from a source you trust") from None
+        except Exception as e:
+            raise hf_load_error(name_or_dir, e) from None
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, bias=True)
@@ -471,6 +471,46 @@ class GPT(LanguageModel):
                     raise ValueError(f"{source}: {k} has shape {tuple(src.shape)}, this model expects "
                                      f"{tuple(dst.shape)}")
                 dst.copy_(src)
+
+
+HF_CONFIG_SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")  # the fields GPTConfig takes
+
+
+def check_hf_config(path: Path) -> None:
+    """A Hugging Face config.json that is JSON with positive integer sizes, before `transformers` trips on it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # transformers says what is missing
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ValueError(f"{path}: not a readable JSON config ({str(e).splitlines()[0]}); fix or re-download it") \
+            from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a {type(config).__name__}, not a JSON object; fix or re-download it")
+    for key in HF_CONFIG_SIZES:
+        value = config.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{path}: {key} is {value!r}, expected a positive integer; fix or re-download it")
+
+
+def hf_load_error(name_or_dir: str, e: Exception) -> ValueError:
+    """One line for what `GPT2LMHeadModel.from_pretrained` raised, naming the file at fault where known."""
+    from safetensors import SafetensorError
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, pickle.UnpicklingError):  # a pytorch_model.bin refused by weights_only loading
+        return ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
+                          f"({refused_object(str(e))}); use safetensors weights from a source you trust")
+    if isinstance(e, SafetensorError):
+        weights = Path(name_or_dir) / "model.safetensors"
+        where = weights if weights.is_file() else name_or_dir
+        return ValueError(f"{where}: not a readable safetensors file ({first}); it is corrupt or truncated, "
+                          "download or export it again")
+    if isinstance(e, OSError):
+        return ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {first}")
+    detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # strict-dataclass errors: 2 lines
+    return ValueError(f"{name_or_dir}: transformers cannot load it ({type(e).__name__}: {detail}); check its "
+                      "config.json and weights, or re-download it")
 
 
 class BigramLanguageModel(LanguageModel):

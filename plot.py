@@ -49,28 +49,40 @@ class Run:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The events of a `metrics.jsonl`; an empty or malformed file is a ValueError naming the line."""
+    """The events of a `metrics.jsonl`.
+
+    A line that is not JSON is skipped with one warning counting them: a crash tears the line being written and
+    the resumed trainer ends it with a newline and carries on below it. A file with no parsable line, or with a
+    JSON line that is not an event, is a ValueError naming the line.
+    """
     path = Path(path)
     try:
         content = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read it ({e.strerror}); is this a run directory of train_gpt2.py?") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ValueError(f"{path}: cannot read it ({reason}); is this a run directory of train_gpt2.py?") from None
     lines = content.splitlines()
-    records = []
+    records, torn = [], []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             event = json.loads(line)
         except json.JSONDecodeError as e:
-            if n == len(lines) and not content.endswith("\n"):
-                break  # a live run is writing this line right now
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+            if not (n == len(lines) and not content.endswith("\n")):  # else a live run is writing it right now
+                torn.append((n, e.msg))
+            continue
         if not isinstance(event, dict) or not isinstance(event.get("step"), int):
             raise ValueError(f"{path}:{n}: expected a JSON object with an integer 'step'; fix or delete that line")
         records.append(event)
+    if not records and torn:
+        raise ValueError(f"{path}: no parsable line ({len(torn)} lines are not valid JSON, e.g. line {torn[0][0]}: "
+                         f"{torn[0][1]}); is this a metrics.jsonl of train_gpt2.py?")
     if not records:
         raise ValueError(f"{path}: no metrics in it yet; train for a few steps first")
+    if torn:
+        print(f"warning: {path}: skipped {len(torn)} unparsable line{'s' if len(torn) > 1 else ''} (the first "
+              f"{path}:{torn[0][0]}), e.g. torn by a crash", file=sys.stderr)
     return records
 
 

@@ -6,6 +6,7 @@ goes; a line torn by a killed run is closed by the next run before it appends, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ class RunLock:
     on any exit (SIGKILL included), so a crashed run never blocks the next one; no file is created for it."""
 
     def __init__(self, out_dir: Path) -> None:
+        self.out_dir, self.created = out_dir, not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.fd: int | None = os.open(out_dir, os.O_RDONLY)
         if fcntl is None:
@@ -40,9 +42,13 @@ class RunLock:
                              "stop it, or choose another --out_dir") from None
 
     def release(self) -> None:
+        """Drop the lock; a directory this run created and left empty (a failed start) is removed again."""
         if self.fd is not None:
             os.close(self.fd)  # closing drops the flock
             self.fd = None
+            if self.created:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                    self.out_dir.rmdir()
 
 
 def lock_holder(inode: int) -> str:

@@ -9,8 +9,10 @@ Text is printed as it is generated.
 from __future__ import annotations
 
 import argparse
+import codecs
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,20 +22,29 @@ from model import LanguageModel
 from tokenizer import Tokenizer
 
 
+def token_bytes(tokenizer: Tokenizer) -> Callable[[int], bytes]:
+    """The UTF-8 bytes of one token: tiktoken's table for BPE (a token may hold part of a character), else its text."""
+    enc = getattr(tokenizer, "enc", None)
+    if enc is not None:
+        return enc.decode_single_token_bytes
+    return lambda t: tokenizer.decode([t]).encode("utf-8")
+
+
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
-    """Turn a stream of token ids into a stream of text pieces, holding back incomplete UTF-8 characters."""
-    ids: list[int] = []
-    shown = 0
+    """Turn a stream of token ids into a stream of text pieces, holding back incomplete UTF-8 characters.
+
+    Each token's bytes go through an incremental UTF-8 decoder once (linear time), which yields exactly what
+    decoding all the tokens at the end would: invalid bytes become U+FFFD either way.
+    """
+    to_bytes = token_bytes(tokenizer)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for t in tokens:
-        ids.append(t)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            continue
-        yield text[shown:]
-        shown = len(text)
-    text = tokenizer.decode(ids)
-    if len(text) > shown:
-        yield text[shown:]
+        piece = decoder.decode(to_bytes(t))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 def sample(
@@ -62,6 +73,21 @@ def sample(
         yield from stream_text(tokenizer, (int(t[0]) for t in stream if tokenizer.eot is None or t[0] != tokenizer.eot))
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse sampling settings that mean nothing (or silently sample from nothing) in one line naming the flag."""
+    rules = [
+        ("--num_samples", args.num_samples, args.num_samples >= 1, "at least 1"),
+        ("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 0, "0 or more"),
+        ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+         "a finite number >= 0 (0 is greedy)"),
+        ("--top_k", args.top_k, args.top_k >= 1, "at least 1 (a value >= the vocabulary size keeps every token)"),
+        ("--top_p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1] (1 keeps every token)"),
+    ]
+    for flag, value, ok, need in rules:
+        if not ok:
+            sys.exit(f"error: {flag} {value} is out of range; it must be {need}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="gpt2",
@@ -77,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
     args = p.parse_args(argv)
+    check_flags(args)
     try:
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)

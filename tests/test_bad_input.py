@@ -22,8 +22,12 @@ import pytest
 import torch
 
 import config
+import export_hf
+import fineweb
+import plot
 import sample
 from checkpoint import model_checkpoint_fields, save_checkpoint
+from fileio import refused_object
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -168,7 +172,124 @@ CASES: dict[str, Case] = {
     "block_size above the model's": lambda s: (
         train_gpt2.main, train_args(s, "--init", str(s / "run" / "ckpt_0000004.pt"), "--block_size", "32",
                                     "--total_batch_size", "64"), ["--block_size 32", "16"]),
+    # export never deletes what it did not write
+    "export a run dir onto itself": lambda s: (export_hf.main, [str(s / "run"), str(s / "run")],
+                                               [str(s / "run"), "ckpt_0000002.pt"]),
+    "export another checkpoint into a run dir": lambda s: (
+        export_hf.main, [str(model_only_checkpoint(s / "weights.pt")), str(s / "run")], [str(s / "run")]),
+    "export a checkpoint into its own directory": lambda s: (
+        export_hf.main, [str(s / "run" / "ckpt_0000002.pt"), str(s / "run")], [str(s / "run")]),
+    "export onto a regular file": lambda s: (export_hf.main, [str(s / "run"), str(s / "text.txt")],
+                                             [str(s / "text.txt"), "not a directory"]),
+    "export over a Hugging Face dir it did not write": lambda s: (
+        export_hf.main, [str(s / "run"), str(_foreign_hf_dir(s))], [str(s / "hf"), export_hf.EXPORT_MARKER]),
+    "export over an earlier export holding another file": lambda s: (
+        export_hf.main, [str(s / "run"), str(_export_with_notes(s))], [str(s / "hf" / "notes.txt")]),
+    # sampling flags
+    "sample --top_k 0": lambda s: (sample.main, _sample_args(s, "--top_k", "0"), ["--top_k", "0"]),
+    "sample --top_k negative": lambda s: (sample.main, _sample_args(s, "--top_k", "-5"), ["--top_k", "-5"]),
+    "sample --top_p 0": lambda s: (sample.main, _sample_args(s, "--top_p", "0"), ["--top_p", "(0, 1]"]),
+    "sample --top_p above 1": lambda s: (sample.main, _sample_args(s, "--top_p", "1.5"), ["--top_p", "1.5"]),
+    "sample --top_p nan": lambda s: (sample.main, _sample_args(s, "--top_p", "nan"), ["--top_p", "nan"]),
+    "sample --temperature negative": lambda s: (sample.main, _sample_args(s, "--temperature", "-1"),
+                                                ["--temperature", "-1"]),
+    "sample --temperature nan": lambda s: (sample.main, _sample_args(s, "--temperature", "nan"),
+                                           ["--temperature", "nan"]),
+    "sample --temperature inf": lambda s: (sample.main, _sample_args(s, "--temperature", "inf"),
+                                           ["--temperature", "inf"]),
+    "sample --num_samples 0": lambda s: (sample.main, _sample_args(s, "--num_samples", "0"), ["--num_samples"]),
+    "sample --num_samples negative": lambda s: (sample.main, _sample_args(s, "--num_samples", "-3"),
+                                                ["--num_samples", "-3"]),
+    "sample --max_new_tokens negative": lambda s: (sample.main, _sample_args(s, "--max_new_tokens", "-1"),
+                                                   ["--max_new_tokens", "-1"]),
+    # Hugging Face directories and run dirs
+    "HF config.json with a string n_layer": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_hf_dir(s, config={"n_layer": "twelve"}))),
+        [str(s / "hf" / "config.json"), "n_layer"]),
+    "HF config.json with a float n_embd": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_hf_dir(s, config={"n_embd": 16.5}))),
+        [str(s / "hf" / "config.json"), "n_embd"]),
+    "HF config.json that is not JSON": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_hf_dir(s, raw_config=b"{not json"))),
+        [str(s / "hf" / "config.json")]),
+    "HF safetensors with a bad header": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_hf_dir(s, weights=lambda b: b[:8] + b"{garbage" + b[16:]))),
+        [str(s / "hf" / "model.safetensors")]),
+    "HF safetensors truncated": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_hf_dir(s, weights=lambda b: b[: len(b) // 2]))),
+        [str(s / "hf" / "model.safetensors"), "truncated"]),
+    "HF safetensors of three bytes": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_hf_dir(s, weights=lambda b: b"abc"))),
+        [str(s / "hf" / "model.safetensors")]),
+    "run dir without checkpoints yet": lambda s: (
+        sample.main, _sample_args(s, "--init", str(_run_without_checkpoints(s))), [str(s / "fresh"), "no checkpoints"]),
+    # plot
+    "metrics.jsonl with no parsable line": lambda s: (
+        plot.main, [str(_torn_metrics(s)), "--out", str(s / "loss.png")], [str(s / "torn" / "metrics.jsonl")]),
+    # fineweb
+    "fineweb zero-byte .txt": lambda s: (fineweb.main, _fineweb_args(s, "empty.txt", b""), [str(s / "empty.txt")]),
+    "fineweb documents with no text": lambda s: (
+        fineweb.main, _fineweb_args(s, "blank.jsonl", b'{"text": ""}\n{"text": ""}\n'), [str(s / "blank.jsonl")]),
+    "fineweb text column of numbers": lambda s: (
+        fineweb.main, _fineweb_args(s, "numbers.jsonl", b'{"text": 5}\n{"text": 7}\n'),
+        [str(s / "numbers.jsonl"), "'text'", "--text_column"]),
+    "fineweb --out_dir is a regular file": lambda s: (
+        fineweb.main, _fineweb_args(s, "doc.txt", b"some text", out=s / "text.txt"),
+        [str(s / "text.txt"), "--out_dir"]),
+    "fineweb --out_dir inside a regular file": lambda s: (
+        fineweb.main, _fineweb_args(s, "doc.txt", b"some text", out=s / "text.txt" / "shards"),
+        [str(s / "text.txt"), "--out_dir"]),
 }
+
+
+def _sample_args(s: Path, *extra: str) -> list[str]:
+    return ["--init", str(s / "run"), "--device", "cpu", "--num_samples", "1", "--max_new_tokens", "2", *extra]
+
+
+def _hf_dir(s: Path, config: dict | None = None, raw_config: bytes | None = None,
+            weights: Callable[[bytes], bytes] | None = None) -> Path:
+    """A tiny Hugging Face GPT-2 dir at s/hf, with its config.json or model.safetensors spoilt as asked."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = s / "hf"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32)).save_pretrained(d)
+    if config is not None:
+        (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | config))
+    if raw_config is not None:
+        (d / "config.json").write_bytes(raw_config)
+    if weights is not None:
+        (d / "model.safetensors").write_bytes(weights((d / "model.safetensors").read_bytes()))
+    return d
+
+
+def _foreign_hf_dir(s: Path) -> Path:
+    """What `save_pretrained` writes, but not export_hf.py: it has no export marker."""
+    return _hf_dir(s)
+
+
+def _export_with_notes(s: Path) -> Path:
+    export_hf.export(s / "run", s / "hf", verify=False)
+    (s / "hf" / "notes.txt").write_text("my notes")
+    return s / "hf"
+
+
+def _run_without_checkpoints(s: Path) -> Path:
+    """A run dir as train_gpt2.py leaves it before its first checkpoint: config.json and metrics only."""
+    (s / "fresh").mkdir()
+    shutil.copy(s / "run" / "config.json", s / "fresh" / "config.json")
+    shutil.copy(s / "run" / "metrics.jsonl", s / "fresh" / "metrics.jsonl")
+    return s / "fresh"
+
+
+def _torn_metrics(s: Path) -> Path:
+    (s / "torn").mkdir()
+    (s / "torn" / "metrics.jsonl").write_text('{"step": 1, "train_lo\n{"step": 2, "ti\n')
+    return s / "torn"
+
+
+def _fineweb_args(s: Path, name: str, content: bytes, out: Path | None = None) -> list[str]:
+    (s / name).write_bytes(content)
+    return ["--data_files", str(s / name), "--out_dir", str(out or s / "shards"), "--num_proc", "1"]
 
 
 def _hellaswag_main() -> Callable:
@@ -221,6 +342,14 @@ def error_line(main: Callable, argv: list[str], capsys) -> str:
         return code
     assert code not in (0, None), "exited successfully"
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path_factory, monkeypatch):
+    """fineweb.py's `datasets` cache goes beside the scratch folder, not into it (nor into the home directory)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_datasets"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -287,3 +416,53 @@ def test_interpreter_prints_one_line_and_no_traceback(finished_run, tmp_path):
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and runs[name][1] in last, (name, last)
     assert not (tmp_path / "out").exists()
+
+
+def test_refusal_of_pickled_code_names_the_global_in_a_whole_sentence(tmp_path):
+    """torch's refusal is several paragraphs; what we keep of it is the sentence naming the global, uncut."""
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Hostile()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(Exception) as e:
+        torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    kept = refused_object(str(e.value))
+    assert "system" in kept and "\x1b" not in kept and "\n" not in kept
+    sentences = [ln.strip() for ln in str(e.value).splitlines() if ln.strip()]
+    assert any(sentence.rstrip(".").endswith(kept.rstrip(".")) for sentence in sentences), kept
+
+
+def test_hf_dir_with_pickled_weights_keeps_the_whole_refusal(tmp_path):
+    """`GPT.from_pretrained` on a pytorch_model.bin carrying code: a ValueError naming the dir, its sentence whole."""
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32).save_pretrained(tmp_path)
+    torch.save({"x": Hostile()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "refused" in msg and "\n" not in msg
+    assert "system" in msg and msg.endswith("use safetensors weights from a source you trust"), msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_fineweb_read_only_out_dir_is_one_line(tmp_path, datasets_cache):
+    (tmp_path / "doc.txt").write_text("some text")
+    out = tmp_path / "shards"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as e:
+            fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(out), "--num_proc", "1"])
+    finally:
+        out.chmod(0o755)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and str(out) in msg and "--out_dir" in msg
+    assert list(out.iterdir()) == []

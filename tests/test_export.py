@@ -1,7 +1,12 @@
 """export_hf.py: what `transformers` loads from the export computes what our checkpoint computes."""
 
+import hashlib
 import json
 import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -13,6 +18,7 @@ from checkpoint import model_checkpoint_fields, save_checkpoint
 from model import GPT, BigramLanguageModel, GPTConfig
 from tokenizer import get_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # OpenAI GPT-2's encoding of PROMPT
 
@@ -109,11 +115,71 @@ def test_reexport_replaces_previous_export(tmp_path):
     tok = get_tokenizer("char", text="abcdefghij ")
     a, b = random_gpt(11, seed=5), random_gpt(11, seed=6)
     export_hf.export(write_ckpt(tmp_path / "a.pt", a, tok), tmp_path / "hf")
-    (tmp_path / "hf" / "stale.bin").write_bytes(b"x")
     export_hf.export(write_ckpt(tmp_path / "b.pt", b, tok), tmp_path / "hf")
     assert hf_logits_match(b, tmp_path / "hf", 11) <= 1e-4
-    assert not (tmp_path / "hf" / "stale.bin").exists()
+    marker = json.loads((tmp_path / "hf" / export_hf.EXPORT_MARKER).read_text())
+    assert marker["checkpoint"] == str((tmp_path / "b.pt").resolve())
+    assert marker["sha256"] == hashlib.sha256((tmp_path / "b.pt").read_bytes()).hexdigest()
+    written = sorted(p.name for p in (tmp_path / "hf").iterdir() if p.name != export_hf.EXPORT_MARKER)
+    assert sorted(marker["files"]) == written
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def tree_digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def test_export_never_replaces_what_it_did_not_write(tmp_path):
+    """An earlier export holding a file of the user's, a HF dir from elsewhere, an empty dir (allowed)."""
+    tok = get_tokenizer("char", text="abcdefghij ")
+    ckpt = write_ckpt(tmp_path / "a.pt", random_gpt(11, seed=5), tok)
+    export_hf.export(ckpt, tmp_path / "hf")
+    (tmp_path / "hf" / "README.md").write_text("my notes")
+    before = tree_digest(tmp_path)
+    with pytest.raises(ValueError, match="README.md"):
+        export_hf.export(ckpt, tmp_path / "hf")
+    (tmp_path / "hf" / export_hf.EXPORT_MARKER).unlink()
+    (tmp_path / "hf" / "README.md").unlink()
+    with pytest.raises(ValueError, match=export_hf.EXPORT_MARKER):  # no marker: not ours, whatever it holds
+        export_hf.export(ckpt, tmp_path / "hf")
+    assert {k: v for k, v in tree_digest(tmp_path).items() if k in before} == {
+        k: v for k, v in before.items() if not k.endswith(("README.md", export_hf.EXPORT_MARKER))}
+    (tmp_path / "empty").mkdir()
+    export_hf.export(ckpt, tmp_path / "empty", verify=False)
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+def test_cli_refuses_to_export_into_a_run_dir_and_leaves_it_byte_identical(tmp_path):
+    """`python export_hf.py R R` and `python export_hf.py other.pt R`: exit 1, one line, R untouched."""
+    tok = get_tokenizer("char", text="abcdefghij ")
+    run = tmp_path / "run"
+    write_ckpt(run / "ckpt_0000007.pt", random_gpt(11, seed=5), tok)
+    (run / "config.json").write_text('{"preset": "shakespeare-char", "max_steps": 7}\n')
+    (run / "metrics.jsonl").write_text('{"step": 7, "train_loss": 2.0}\n')
+    other = write_ckpt(tmp_path / "other.pt", random_gpt(11, seed=6), tok)
+    before = tree_digest(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for src in (run, other, run / "ckpt_0000007.pt"):
+        r = subprocess.run([sys.executable, str(ROOT / "export_hf.py"), str(src), str(run)], capture_output=True,
+                           text=True, env=env, cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {run}: "), r.stderr
+        assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_follows_the_umask(tmp_path, umask):
+    tok = get_tokenizer("char", text="abcdefghij ")
+    ckpt = write_ckpt(tmp_path / "a.pt", random_gpt(11, seed=5), tok)
+    old = os.umask(umask)
+    try:
+        export_hf.export(ckpt, tmp_path / "hf", verify=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "bigram", "occupied_out_dir", "empty_run_dir"])

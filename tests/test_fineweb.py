@@ -323,3 +323,36 @@ def test_ids_beyond_uint16_and_non_uint16_shards_are_refused(finished, tmp_path,
     wide = shard_files(out)[2]
     np.save(wide, np.load(wide).astype(np.int32))
     assert fineweb.verify(out) == [f"{wide}: 1-D int32, expected 1-D uint16"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_corpus_without_text_writes_no_shard(tmp_path, streaming):
+    """A zero-byte .txt, documents that are all empty strings, a text column of numbers: one line naming the file."""
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n{"text": 7}\n')
+    for name, needle in (("empty.txt", "no text in it"), ("blank.jsonl", "no text in it"),
+                         ("numbers.jsonl", "'text'")):
+        out = tmp_path / f"out_{name}"
+        args = ["--data_files", str(tmp_path / name), "--out_dir", str(out), "--num_proc", "1"]
+        with pytest.raises(SystemExit) as e:
+            fineweb.main(args + (["--streaming"] if streaming else []))
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: {tmp_path / name}: ") and needle in msg and "\n" not in msg, msg
+        if not (streaming and name == "blank.jsonl"):  # a stream's empty documents are known only once read
+            assert not shard_files(out), name
+
+
+def test_unwritable_out_dir_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    """A read-only --out_dir (simulated: root writes anywhere) is named with the fix; nothing is created in it."""
+    (tmp_path / "doc.txt").write_text("some text")
+    out = tmp_path / "ro" / "shards"
+    out.parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(fineweb.os, "access", lambda p, mode: False if Path(p) == out.parent else real_access(p, mode))
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(out), "--num_proc", "1"])
+    msg = str(e.value.code)
+    assert msg == (f"error: --out_dir {out}: {out.parent} is not writable (read-only?); make it writable or pick "
+                   "another --out_dir")
+    assert list(out.parent.iterdir()) == []

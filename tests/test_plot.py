@@ -108,15 +108,29 @@ def test_line_being_written_by_a_live_run_is_left_out(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 6, "time": 2, "train_lo')
     assert plot.series(plot.read_metrics(path), "val_loss") == ([5], [3.0])
-    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 6, "time": 2, "train_lo\n')  # finished: bad
-    with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
-        plot.read_metrics(path)
+
+
+def test_torn_line_the_trainer_wrote_around_is_skipped_with_a_warning(tmp_path, capsys):
+    """A crash tears the last line; the resumed trainer ends it with a newline and appends: the rest is kept."""
+    run = tmp_path / "run"
+    logged = write_run(run, CHAR, steps=30)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    torn = lines[:20] + ['{"step": 17, "time": 8.5, "train_lo\n'] + lines[20:] + ['{"step": 29, "ti\n'] + ["\n"]
+    (run / "metrics.jsonl").write_text("".join(torn))
+    records = plot.read_metrics(run / "metrics.jsonl")
+    for key, values in logged.items():
+        assert plot.series(records, key) == (sorted(values), [values[k] for k in sorted(values)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: " in err and "skipped 2 unparsable lines" in err
+    assert f"{run / 'metrics.jsonl'}:21" in err  # the first one, to look at
+    plot.main([str(run), "--out", str(tmp_path / "loss.png")])
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
     "content, where",
     [("", "metrics.jsonl: no metrics"), ("\n\n", "metrics.jsonl: no metrics"),
-     ('{"step": 0, "val_loss": 4.1}\n{"step": 1, "train_l\n{"step": 2}\n', "metrics.jsonl:2: not valid JSON"),
+     ('{"step": 1, "train_l\n{"step": 2, "ti\n', "metrics.jsonl: no parsable line (2 lines are not valid JSON"),
      ('{"step": 0, "val_loss": 4.1}\n\n[1, 2]\n', "metrics.jsonl:3: expected a JSON object"),
      ('{"time": 0, "val_loss": 4.1}\n', "metrics.jsonl:1: expected a JSON object with an integer 'step'")],
 )

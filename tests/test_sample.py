@@ -1,6 +1,7 @@
 """sample.py: streams text from checkpoints and HF dirs, seeded, with clear errors."""
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,69 @@ def test_stream_text_holds_back_split_characters():
     pieces = list(stream_text(tok, iter(ids)))
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def random_streams(vocab_size: int, n: int, seed: int) -> list[list[int]]:
+    """Random token streams, half of them from GPT-2's byte-fragment tokens (ids < 256 and merges of partial
+    characters) so that multi-byte characters are split across tokens and invalid UTF-8 appears."""
+    rng = random.Random(seed)
+    streams = []
+    for i in range(n):
+        hi = 256 if i % 2 == 0 else vocab_size
+        streams.append([rng.randrange(hi) for _ in range(rng.randint(0, 60))])
+    return streams
+
+
+def test_stream_text_equals_the_full_decode_on_random_tokens():
+    tok = get_tokenizer("gpt2")
+    # text whose characters are split across tokens, then random ids (invalid UTF-8 included)
+    cases = [tok.encode("naïve café 日本語 🙂 done ¿qué? 𝔘𝔫𝔦𝔠𝔬𝔡𝔢")] + random_streams(tok.vocab_size, 300, seed=0)
+    for ids in cases:
+        assert "".join(stream_text(tok, iter(ids))) == tok.decode(ids), ids
+    char = get_tokenizer("char", text="abc ROMEO:\néü🙂")
+    for ids in random_streams(char.vocab_size, 50, seed=1):
+        ids = [i % char.vocab_size for i in ids]
+        assert "".join(stream_text(char, iter(ids))) == char.decode(ids)
+
+
+class CountingTokenizer:
+    """A GPT-2 tokenizer that counts the token ids and bytes every decode call is given."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.name, self.eot, self.vocab_size = tok, tok.name, tok.eot, tok.vocab_size
+        self.ids_decoded = 0
+        outer = self
+
+        class Enc:  # tiktoken's per-token byte lookup, counted
+            def decode_single_token_bytes(self, t: int) -> bytes:
+                outer.ids_decoded += 1
+                return tok.enc.decode_single_token_bytes(t)
+
+            def decode_bytes(self, ids: list[int]) -> bytes:
+                outer.ids_decoded += len(ids)
+                return tok.enc.decode_bytes(ids)
+
+            def decode(self, ids: list[int], errors: str = "replace") -> str:
+                outer.ids_decoded += len(ids)
+                return tok.enc.decode(ids, errors=errors)
+
+        self.enc = Enc()
+
+    def decode(self, ids: list[int]) -> str:
+        self.ids_decoded += len(ids)
+        return self.tok.decode(ids)
+
+
+def test_stream_text_decodes_each_token_once():
+    """Linear time, counted rather than timed: decoding n tokens looks at O(n) ids, not the O(n^2) of re-decoding
+    the whole text at every token."""
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode(open(ROOT / "input.txt").read()[:20_000]) if (ROOT / "input.txt").exists() else \
+        tok.encode("naïve café 日本語 🙂 " * 500)
+    for n in (500, 2000):
+        counting = CountingTokenizer(tok)
+        assert "".join(stream_text(counting, iter(ids[:n]))) == tok.decode(ids[:n])
+        assert counting.ids_decoded <= 2 * n, (n, counting.ids_decoded)
 
 
 def test_sample_cli_from_run_dir_is_seeded(char_ckpt, capsys):
