@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from model import MODEL_TYPES
+from model import CONFIG_CHOICES, MODEL_TYPES, OPTIMIZERS
 
 FINEWEB_DIR = "edu_fineweb10B"
 DATA_KINDS = ("shards", "char", "gpt2-text")
@@ -41,6 +41,14 @@ class TrainConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # later practice, each off by default so the model stays exactly GPT-2 (see GPTConfig)
+    pos: str = "learned"  # learned | rope
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | relu2
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0  # 0 = off
+    zero_init: bool = False  # output projections start at zero
     vocab_size: int = 50304  # 50257 padded to a multiple of 128 for faster matmuls; 0 = the tokenizer's
     block_size: int = 1024  # T, the sequence length trained on
     # optimization
@@ -55,6 +63,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak LR; it follows the same warmup and decay as max_lr
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     nonfinite_skips: int = 0  # steps with a non-finite loss or gradient skipped before the run stops
     seed: int = 1337
     # evaluation and logging
@@ -107,6 +119,10 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "beta2": (0, 1, True, False),
     "eps": (0, INF, False, False),
     "grad_clip": (0, INF, True, False),
+    "logit_softcap": (0, INF, True, False),
+    "muon_lr": (0, INF, False, False),
+    "muon_momentum": (0, 1, True, False),
+    "muon_weight_decay": (0, INF, True, False),
     "nonfinite_skips": (0, INF, True, False),
     "seed": (0, 2**63 - 1, True, True),
     "eval_interval": (1, INF, True, False),
@@ -121,7 +137,8 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "ckpt_interval": (0, INF, True, False),
     "keep_last": (0, INF, True, False),
 }
-CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_NAMES}
+CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_NAMES, "optimizer": OPTIMIZERS,
+           **CONFIG_CHOICES}
 
 SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
 PRESETS: dict[str, dict] = {

@@ -101,6 +101,15 @@ def save_gpt2_tokenizer(out_dir: Path, model_max_length: int) -> None:
 # the model
 
 
+def unexportable_option(config: GPTConfig) -> str:
+    """The first model option GPT-2's format cannot hold, as `--flag value` ("" when it can hold them all)."""
+    defaults = GPTConfig()
+    for name in ("pos", "norm", "qk_norm", "logit_softcap"):
+        if getattr(config, name) != getattr(defaults, name):
+            return f"--{name} {getattr(config, name)}"
+    return ""
+
+
 def hf_config(config: GPTConfig, vocab_size: int, eot: int | None):
     """The `transformers` GPT2Config of our model with `vocab_size` rows (GELU tanh = 'gelu_new', LN eps 1e-5)."""
     from transformers import GPT2Config
@@ -111,12 +120,12 @@ def hf_config(config: GPTConfig, vocab_size: int, eot: int | None):
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
-        activation_function="gelu_new",
+        activation_function="relu2" if config.mlp == "relu2" else "gelu_new",
         layer_norm_epsilon=1e-5,
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=eot,
         eos_token_id=eot,
         architectures=["GPT2LMHeadModel"],
@@ -263,6 +272,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> 
     tokenizer: Tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if not isinstance(model, GPT):
         raise ValueError(f"{path}: a {ckpt.get('model_type')} model has no GPT-2 equivalent; only GPT models export")
+    if unexportable_option(model.config):
+        raise ValueError(f"{path}: trained with {unexportable_option(model.config)}, which GPT-2's Hugging Face "
+                         "format cannot hold; only runs with GPT-2's architecture (relu2 and an untied head aside) "
+                         "export")
     vocab_size = tokenizer.vocab_size
     if vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: tokenizer has {vocab_size} ids but the model only {model.config.vocab_size}")

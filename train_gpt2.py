@@ -127,9 +127,10 @@ def build_data(
 
 
 def gpt_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTConfig:
-    """The model the flags describe (vocab 0 = the tokenizer's)."""
-    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or tokenizer.vocab_size,
-                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    """The model the flags describe: every GPTConfig field has a TrainConfig flag of the same name (vocab 0 = the
+    tokenizer's)."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)}
+    return GPTConfig(**values | {"vocab_size": cfg.vocab_size or tokenizer.vocab_size})
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> LanguageModel:
@@ -201,8 +202,18 @@ def restore_model(cfg: TrainConfig, ckpt: dict, path: Path, tokenizer: Tokenizer
     return model
 
 
-def restore_training(ckpt: dict, optimizer, scaler, loader: TokenLoader) -> tuple[int, float]:
+def make_optimizer(model: LanguageModel, cfg: TrainConfig, device_type: str, verbose: bool = False):
+    return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
+                                      verbose=verbose, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
+                                      muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+
+
+def restore_training(ckpt: dict, cfg: TrainConfig, optimizer, scaler, loader: TokenLoader) -> tuple[int, float]:
     """Optimizer, scaler and loader states; returns the step to continue at and the wall time so far."""
+    trained_with = ckpt.get("train_config", {}).get("optimizer", "adamw")
+    if trained_with != cfg.optimizer:
+        raise ConfigError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, not "
+                          f"{cfg.optimizer}; resume with the optimizer it was trained with")
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
@@ -419,7 +430,7 @@ class Trainer:
             self.skip_nonfinite(step, loss_value, norm_value)
         else:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups follow the schedule from muon_lr
             self.scaler.step(self.optimizer)
             self.scaler.update()
         if self.d.device.startswith("cuda"):
@@ -506,12 +517,11 @@ def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
                           "continue it with --resume auto, or pick a new --out_dir")
     raw.to(d.device)
     device_type = d.device.split(":")[0]
-    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
-                                         verbose=d.master)
+    optimizer = make_optimizer(raw, cfg, device_type, verbose=d.master)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     start_step, elapsed, target_reached = 0, 0.0, None
     if ckpt is not None:
-        start_step, elapsed = restore_training(ckpt, optimizer, scaler, train_loader)
+        start_step, elapsed = restore_training(ckpt, cfg, optimizer, scaler, train_loader)
         target_reached = ckpt.get("target_reached")
         report_resume(resume_path, ckpt, d, accum)
     del ckpt  # its tensors can be large

@@ -206,3 +206,25 @@ def test_bad_input_is_a_one_line_error(tmp_path, case, capsys):
         assert (out / "notes.txt").read_text() == "mine"
     else:
         assert not out.exists()
+
+
+@pytest.mark.parametrize("option, flag", [({"pos": "rope"}, "--pos rope"), ({"norm": "rmsnorm"}, "--norm rmsnorm"),
+                                          ({"qk_norm": True}, "--qk_norm True"),
+                                          ({"logit_softcap": 15.0}, "--logit_softcap 15.0")])
+def test_options_gpt2_cannot_hold_are_refused_by_name(tmp_path, option, flag):
+    tokenizer = get_tokenizer("char", text="abcdefgh")
+    model = GPT(GPTConfig(block_size=8, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8, **option))
+    save_checkpoint({**model_checkpoint_fields(model, tokenizer), "step": 1}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=flag):
+        export_hf.export(tmp_path / "c.pt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_relu2_and_untied_head_export_with_matching_logits(tmp_path):
+    tokenizer = get_tokenizer("char", text="abcdefgh")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=16,
+                          mlp="relu2", tie_embeddings=False, bias=False))
+    save_checkpoint({**model_checkpoint_fields(model, tokenizer), "step": 1}, tmp_path / "c.pt")
+    summary = export_hf.export(tmp_path / "c.pt", tmp_path / "hf")  # verifies the logits itself
+    assert summary["max_logit_diff"] is not None and summary["max_logit_diff"] < 1e-4

@@ -245,3 +245,34 @@ def test_hellaswag_is_scored_at_every_eval_when_its_data_is_given(small_text, tm
     model, tok = load_model(str(out))
     ref = hellaswag.evaluate(model, hellaswag.load_examples(jsonl=jsonl), tokenizer=tok)
     assert logged[2] == pytest.approx(ref["acc_norm"])
+
+
+MODERN = ["--pos", "rope", "--norm", "rmsnorm", "--mlp", "relu2", "--qk_norm", "true", "--tie_embeddings", "false",
+          "--logit_softcap", "15", "--zero_init", "true", "--bias", "false", "--optimizer", "muon", "--muon_lr", "0.02"]
+
+
+def test_modern_options_and_muon_resume_exactly(small_text, tmp_path):
+    args = ["--max_steps", "6", "--ckpt_interval", "3", "--keep_last", "0", *MODERN]
+    train_gpt2.main(tiny(small_text, tmp_path / "straight", *args))
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(tmp_path / "straight" / "ckpt_0000003.pt", out)
+    train_gpt2.main(tiny(small_text, out, *args, "--resume", "auto"))
+    a, b = load_checkpoint(tmp_path / "straight" / "ckpt_0000006.pt"), load_checkpoint(out / "ckpt_0000006.pt")
+    assert a["model_config"]["pos"] == "rope" and a["train_config"]["optimizer"] == "muon"
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    with pytest.raises(SystemExit, match="--optimizer muon"):  # the optimizer state belongs to its optimizer
+        train_gpt2.main(tiny(small_text, out, *args[:-4], "--max_steps", "9", "--resume", "auto"))
+
+
+def test_target_val_loss_records_when_and_stops(small_text, tmp_path):
+    first = train_gpt2.main(tiny(small_text, tmp_path / "a", "--max_steps", "12"))
+    target = events(tmp_path / "a", "val_loss")[8] + 1e-6  # reached at step 8 at the latest
+    out = tmp_path / "b"
+    result = train_gpt2.main(tiny(small_text, out, "--max_steps", "12", "--target_val_loss", str(target),
+                                  "--stop_at_target", "true"))
+    hit = result["target_reached"]
+    assert hit is not None and hit["step"] <= 8 and result["step"] == hit["step"] and first["step"] == 12
+    assert hit["tokens"] == hit["step"] * 256 and hit["val_loss"] <= target and hit["time"] > 0
+    assert events(out, "target_reached")[hit["step"]] == hit
