@@ -104,6 +104,15 @@ def all_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
+def min_over_ranks(value: int, d: Dist) -> int:
+    """The smallest of every rank's `value` (the same on all ranks)."""
+    if not d.ddp:
+        return value
+    t = torch.tensor([value], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def any_rank(flag: bool, d: Dist) -> bool:
     """True on every rank when `flag` is true on any rank."""
     if not d.ddp:

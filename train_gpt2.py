@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from autobatch import candidates, largest_that_fits, try_step
 from checkpoint import (
     check_resumable,
     list_checkpoints,
@@ -50,7 +51,15 @@ from checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from config import ConfigError, TrainConfig, fit_to_world, grad_accum_steps, parse_config
+from config import (
+    ConfigError,
+    TrainConfig,
+    auto_batch,
+    fit_to_world,
+    grad_accum_steps,
+    parse_config,
+    preset_batch_size,
+)
 from data import ShardedTokenLoader, TokenLoader, split_tokens
 from devices import (
     Dist,
@@ -58,6 +67,7 @@ from devices import (
     any_rank,
     autocast,
     compile_unsupported,
+    min_over_ranks,
     peak_flops,
     pick_dtype,
     setup_distributed,
@@ -206,6 +216,26 @@ def make_optimizer(model: LanguageModel, cfg: TrainConfig, device_type: str, ver
     return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
                                       verbose=verbose, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
                                       muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+
+
+def choose_batch_size(cfg: TrainConfig, d: Dist, model: LanguageModel, dtype: torch.dtype) -> TrainConfig:
+    """`--batch_size auto` (and the presets' own micro-batch on CUDA): the largest that fits, up to the preset's,
+    dividing the rows each rank needs per step so accumulation keeps the total batch; the same on every rank."""
+    upper = cfg.batch_size or preset_batch_size(cfg.preset)
+    rows = max(1, cfg.total_batch_size // (cfg.block_size * d.world_size))
+    sizes = candidates(min(upper, rows), rows)
+    if not d.device.startswith("cuda"):  # nothing to probe: the largest that keeps the total batch
+        return dataclasses.replace(cfg, batch_size=sizes[0])
+    device_type = d.device.split(":")[0]
+    fits = lambda b: try_step(model, lambda: make_optimizer(model, cfg, device_type), b,  # noqa: E731
+                              cfg.block_size, model.config.vocab_size, d.device, dtype)
+    chosen = min_over_ranks(largest_that_fits(fits, sizes) or 0, d)
+    if not chosen:
+        raise ConfigError(f"not even 1 row of --block_size {cfg.block_size} fits in GPU memory for this model; lower "
+                          "--block_size or the model size (--n_layer, --n_embd), or use --dtype bfloat16")
+    if d.master:
+        print(f"batch_size auto: {chosen} (the largest of {sizes} that fits a full training step)")
+    return dataclasses.replace(cfg, batch_size=chosen)
 
 
 def restore_training(ckpt: dict, cfg: TrainConfig, optimizer, scaler, loader: TokenLoader) -> tuple[int, float]:
@@ -499,12 +529,13 @@ def announce(cfg: TrainConfig, d: Dist, raw: LanguageModel, tokenizer: Tokenizer
           f"{accum} micro-step(s) x {cfg.batch_size} x {cfg.block_size}")
 
 
-def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
-    """Restore or build everything a run needs; returns the trainer, the first step and the resumed file."""
-    accum = grad_accum_steps(cfg, d.world_size)
-    seed_everything(cfg.seed, d.device)
-    dtype = pick_dtype(d.device, cfg.dtype)
-    resume_path, ckpt = find_resume(cfg, d)
+def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: Path | None, dtype: torch.dtype):
+    """The data and the model: the checkpoint's when resuming, else new; with the micro-batch chosen where it is
+    `auto`. Returns the config with that batch, the tokenizer, both loaders and the model on its device."""
+    wanted = cfg
+    if auto_batch(cfg, d.device):  # loaders are built at the upper bound first, then again at the chosen size
+        trained = (ckpt or {}).get("train_config", {}).get("batch_size")
+        cfg = dataclasses.replace(cfg, batch_size=trained or cfg.batch_size or preset_batch_size(cfg.preset))
     hint = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt and cfg.data != "char" else None
     tokenizer, train_loader, val_loader = build_data(cfg, d, hint)
     check_sample_prompt(cfg, tokenizer)
@@ -516,6 +547,21 @@ def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
         raise ConfigError(f"{cfg.out_dir} already has checkpoints ({list_checkpoints(cfg.out_dir)[-1].name}); "
                           "continue it with --resume auto, or pick a new --out_dir")
     raw.to(d.device)
+    if auto_batch(wanted, d.device):
+        chosen = choose_batch_size(cfg, d, raw, dtype)
+        if chosen.batch_size != cfg.batch_size:
+            tokenizer, train_loader, val_loader = build_data(chosen, d, tokenizer)
+        cfg = chosen
+    return cfg, tokenizer, train_loader, val_loader, raw
+
+
+def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
+    """Restore or build everything a run needs; returns the trainer, the first step and the resumed file."""
+    seed_everything(cfg.seed, d.device)
+    dtype = pick_dtype(d.device, cfg.dtype)
+    resume_path, ckpt = find_resume(cfg, d)
+    cfg, tokenizer, train_loader, val_loader, raw = restore_or_build(cfg, d, ckpt, resume_path, dtype)
+    accum = grad_accum_steps(cfg, d.world_size)
     device_type = d.device.split(":")[0]
     optimizer = make_optimizer(raw, cfg, device_type, verbose=d.master)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
