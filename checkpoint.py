@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fileio import atomic_write, refused_object
-from model import GPT, HF_MODELS, MODEL_TYPES, GPTConfig, LanguageModel
+from gpt2_sizes import HF_MODELS
+from model import GPT, MODEL_TYPES, GPTConfig, LanguageModel
 from tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")

@@ -26,13 +26,6 @@ from torch.nn import functional as F
 from fileio import refused_object
 from muon import CombinedOptimizer, Muon
 
-HF_MODELS = {
-    # name: (n_layer, n_head, n_embd); all have vocab 50257 and 1024 positions
-    "gpt2": (12, 12, 768),  # 124M
-    "gpt2-medium": (24, 16, 1024),  # 350M
-    "gpt2-large": (36, 20, 1280),  # 774M
-    "gpt2-xl": (48, 25, 1600),  # 1558M
-}
 # GPT-2's checkpoints store these weights as Conv1D (in, out); nn.Linear wants (out, in)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

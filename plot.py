@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fileio import atomic_write_bytes
-from model import HF_MODELS
+from gpt2_sizes import HF_MODELS, size_of_shape
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,6 @@ BASELINES = {
     "774M": Baseline("774M", None, 0.4320, 0.510),
     "1558M": Baseline("1558M", None, 0.4889, 0.547),
 }
-HF_NAME_SIZE = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 
 
 @dataclass
@@ -134,11 +133,10 @@ def baseline_for(config: dict) -> Baseline | None:
     if config.get("data") != "shards" or config.get("model_type", "gpt") != "gpt":
         return None  # another dataset: OpenAI's numbers are not comparable
     init = config.get("init") or ""
-    if init in HF_NAME_SIZE:
-        return BASELINES[HF_NAME_SIZE[init]]
-    shape = (config.get("n_layer"), config.get("n_head"), config.get("n_embd"))
-    name = next((n for n, s in HF_MODELS.items() if s == shape), None)
-    return BASELINES[HF_NAME_SIZE[name]] if name and not init else None
+    if init in HF_MODELS:
+        return BASELINES[HF_MODELS[init].size]
+    size = size_of_shape(config.get("n_layer"), config.get("n_head"), config.get("n_embd"))
+    return BASELINES[size] if size and not init else None
 
 
 def pick_baseline(runs: list[Run], choice: str = "auto") -> Baseline | None:

@@ -122,6 +122,20 @@ def assert_same_run(out: Path, ref: Path, resumed_from: int | None = None) -> No
         assert [(s, v) for s, v in logged if v != expected[s]] == [], f"{key} differs (fault seed {SEED})"
 
 
+# the trainer with every checkpoint rename held back two minutes: the finished temp file waits to be killed
+PAUSE_BEFORE_CHECKPOINT_RENAME = """
+import os, runpy, sys, time
+rename = os.replace
+def paused(src, dst, *args, **kwargs):
+    if os.path.basename(str(dst)).startswith("ckpt_"):
+        time.sleep(120)
+    return rename(src, dst, *args, **kwargs)
+os.replace = paused
+sys.argv = ["train_gpt2.py", *sys.argv[1:]]
+runpy.run_path("train_gpt2.py", run_name="__main__")
+"""
+
+
 def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
     """The run in a session of its own, so a hung torchrun can be stopped with all its workers."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -207,8 +221,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(reference, tex
     previous = checkpoint_path(out, 10)
     digest = sha256(previous)
     # hold every checkpoint write between its finished temp file and the rename
-    proc = start([str(ROOT / "train_gpt2.py"), *flags(text, out), "--resume", "auto"],
-                 env={"GPT2_REPRO_PAUSE_IN_SAVE": "120"})
+    proc = start(["-c", PAUSE_BEFORE_CHECKPOINT_RENAME, *flags(text, out), "--resume", "auto"])
     wait_until(lambda: any(out.glob(".ckpt_0000020.pt*.tmp")), proc, "the step-20 checkpoint write")
     log = kill(proc)
     assert proc.returncode == -signal.SIGKILL, log
