@@ -149,23 +149,12 @@ class TokenLoader:
 
 
 class ShardedTokenLoader(TokenLoader):
-    """`TokenLoader` over the `*_{split}_*.npy` shards of `data_dir` (split is "train" or "val")."""
+    """`TokenLoader` over the `*_{split}_*.npy` shards of `data_dir` (split is "train" or "val"); the other
+    arguments are TokenLoader's, after B and T."""
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        split: str,
-        B: int,
-        T: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = False,
-        seed: int = 1337,
-        vocab_size: int | None = None,
-    ) -> None:
+    def __init__(self, data_dir: str | Path, split: str, B: int, T: int, *args, **kwargs) -> None:
         assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
-        super().__init__(find_shards(data_dir, split), B, T, rank, world_size, shuffle, seed, GPT2_EOT,
-                         name=f"{data_dir} ({split})", vocab_size=vocab_size)
+        super().__init__(find_shards(data_dir, split), B, T, *args, **{"name": f"{data_dir} ({split})"} | kwargs)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -122,13 +122,10 @@ class CombinedOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in self.optimizers:
+        """One step of each optimizer; a closure, if given, is evaluated once, by the first."""
+        loss = self.optimizers[0].step(closure)
+        for opt in self.optimizers[1:]:
             opt.step()
         return loss
 

@@ -120,8 +120,9 @@ def build_data(
     if cfg.data == "shards":
         tokenizer = tokenizer or get_tokenizer("gpt2")
         vocab = vocab or tokenizer.vocab_size
-        train = ShardedTokenLoader(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.shuffle, cfg.seed, vocab)
-        val = ShardedTokenLoader(cfg.data_dir, "val", B, T, d.rank, d.world_size, False, cfg.seed, vocab)
+        train = ShardedTokenLoader(cfg.data_dir, "train", B, T, d.rank, d.world_size, cfg.shuffle, cfg.seed,
+                                   vocab_size=vocab)
+        val = ShardedTokenLoader(cfg.data_dir, "val", B, T, d.rank, d.world_size, False, cfg.seed, vocab_size=vocab)
         return tokenizer, train, val
     text = read_text(cfg.text_path)
     if tokenizer is None:
