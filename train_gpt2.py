@@ -485,11 +485,13 @@ class Trainer:
         tok_per_s = cfg.total_batch_size / dt
         peak = peak_flops(self.d.device, cfg.peak_flops)
         mfu = self.raw.flops_per_token(cfg.block_size) * tok_per_s / (peak * self.d.world_size) if peak else None
+        mem = torch.cuda.max_memory_allocated(self.d.device) / 2**30 if self.d.device.startswith("cuda") else None
         self.metrics.log(step, train_loss=stats["train_loss"], lr=stats["lr"], grad_norm=stats["grad_norm"],
-                         dt_ms=round(dt * 1000, 2), tok_per_s=round(tok_per_s, 1), mfu=mfu)
+                         dt_ms=round(dt * 1000, 2), tok_per_s=round(tok_per_s, 1), mfu=mfu, peak_mem_gib=mem)
         self.dt_ema = dt if self.dt_ema is None else 0.9 * self.dt_ema + 0.1 * dt
         if self.d.master and (step % cfg.log_interval == 0 or step == cfg.max_steps - 1):
             mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            mfu_text += f" | {mem:.1f} GiB" if mem is not None else ""
             print(f"step {step:6d}/{cfg.max_steps} | loss {stats['train_loss']:.4f} | lr {stats['lr']:.2e} | norm "
                   f"{stats['grad_norm']:.3f} | {dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s{mfu_text}"
                   f" | eta {fmt_duration(self.dt_ema * (cfg.max_steps - step - 1))}", flush=True)
@@ -550,6 +552,8 @@ def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: 
     raw.to(d.device)
     if auto_batch(wanted, d.device):
         chosen = choose_batch_size(cfg, d, raw, dtype)
+        if d.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(d.device)  # the peak logged is training's, not the probe's
         if chosen.batch_size != cfg.batch_size:
             tokenizer, train_loader, val_loader = build_data(chosen, d, tokenizer)
         cfg = chosen
