@@ -428,18 +428,27 @@ class Trainer:
         if self.d.ddp:
             dist.barrier()
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch on the device; on CUDA copied from pinned memory without waiting for it."""
+        x, y = self.train_loader.next_batch()
+        if self.d.device.startswith("cuda"):
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+
     def forward_backward(self) -> torch.Tensor:
         """Gradients of one whole batch over `accum` micro-batches; returns the mean loss over ranks."""
         d, accum = self.d, self.accum
         loss_accum = torch.zeros((), device=d.device)
+        batch = self.next_batch()
         for micro in range(accum):
-            x, y = self.train_loader.next_batch()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            x, y = batch
             # gradients are all-reduced only by the backward of the last micro-step
             sync = not d.ddp or micro == accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(d.device, self.dtype):
                     _, loss = self.model(x, y)
+                if micro + 1 < accum:  # the next batch is read and copied while this one computes
+                    batch = self.next_batch()
                 loss = loss / accum  # the sum over micro-steps is the mean over the whole batch
                 loss_accum += loss.detach()
                 self.scaler.scale(loss).backward()
