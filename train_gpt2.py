@@ -571,6 +571,8 @@ def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: 
 
 def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
     """Restore or build everything a run needs; returns the trainer, the first step and the resumed file."""
+    if not auto_batch(cfg, d.device):
+        grad_accum_steps(cfg, d.world_size)  # a batch that cannot make the total is refused before anything runs
     seed_everything(cfg.seed, d.device)
     dtype = pick_dtype(d.device, cfg.dtype)
     resume_path, ckpt = find_resume(cfg, d)

@@ -322,7 +322,7 @@ def test_ids_beyond_uint16_and_non_uint16_shards_are_refused(finished, tmp_path,
         (out / p.name).write_bytes(p.read_bytes())
     wide = shard_files(out)[2]
     np.save(wide, np.load(wide).astype(np.int32))
-    assert fineweb.verify(out) == [f"{wide}: 1-D int32, expected 1-D uint16"]
+    assert fineweb.verify(out) == [f"{wide}: expected a 1-D uint16 array, found 1-D int32; rewrite it with fineweb.py"]
 
 
 @pytest.mark.parametrize("streaming", [False, True])
