@@ -1,6 +1,7 @@
-"""Tokenizers with one small interface: GPT-2 BPE (tiktoken) and the lecture's character vocabulary.
+"""Tokenizers with one small interface: GPT-2 BPE (tiktoken), the lecture's character vocabulary, and the
+digits of `a+b=` problems (the addition task of addition.py).
 
-Both have `encode(str) -> list[int]`, `decode(list[int]) -> str`, `vocab_size`, `eot` (None for chars),
+All have `encode(str) -> list[int]`, `decode(list[int]) -> str`, `vocab_size`, `eot` (None for chars),
 `name`, and `to_dict()` so a checkpoint can say which tokenizer it was trained with.
 
 The GPT-2 encoding is built from the ranks file `gpt2.tiktoken` in the cache directory
@@ -11,9 +12,11 @@ has put the file there; with no cached file it falls back to `tiktoken.get_encod
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 
@@ -101,22 +104,112 @@ class CharTokenizer:
         return {"name": "char", "chars": self.chars}
 
 
-Tokenizer = GPT2Tokenizer | CharTokenizer
+ADDITION_OPS = "+-"  # the operators an addition-task vocabulary may hold
+ANSWER_END = "."  # ends every answer; the addition tokenizer's eot, so generation stops there
 
 
-def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
-    """`get_tokenizer("gpt2")` or `get_tokenizer("char", text=...)`."""
+class AdditionTokenizer:
+    """The vocabulary of `a+b=` problems with operands of up to `digits` digits: 0-9, `ops`, '=' and '.'.
+
+    Every problem has one fixed-width layout, so position alone tells the model which digit it is looking at:
+    both operands zero-padded to `digits` digits in normal order, then the answer's `digits + 1` digits least
+    significant first (the order a carry moves, so each digit depends only on what came before), then '.'.
+    "123+456=" is laid out as "123+456=9750.". Subtraction keeps a >= b: every answer is non-negative.
+    """
+
+    name = "addition"
+
+    def __init__(self, digits: int = 3, ops: str = "+") -> None:
+        if not 1 <= digits <= 9:  # keys of (op, a, b) must fit in 64 bits (addition.py hashes them)
+            raise ValueError(f"--digits {digits} is out of range; use 1 to 9")
+        if not ops or len(set(ops)) != len(ops) or not set(ops) <= set(ADDITION_OPS):
+            raise ValueError(f"--ops {ops!r} is not valid; use distinct operators out of {ADDITION_OPS!r}, e.g. '+'")
+        self.digits, self.ops = digits, ops
+        self.chars = "0123456789" + ops + "=" + ANSWER_END  # digit d has id d
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.eot = self.stoi[ANSWER_END]
+        self.prompt_len = 2 * digits + 2  # "aaa+bbb="
+        self.answer_len = digits + 2  # the reversed digits of the answer and '.'
+        self.seq_len = self.prompt_len + self.answer_len
+        self.pattern = re.compile(rf"([0-9]{{1,{digits}}})([{re.escape(ops)}])([0-9]{{1,{digits}}})=")
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the addition vocabulary {self.chars!r}") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"name": "addition", "digits": self.digits, "ops": self.ops}
+
+    def sequences(self, a: np.ndarray, b: np.ndarray, op: np.ndarray) -> np.ndarray:
+        """Token ids (n, seq_len) of problems a[i] ops[op[i]] b[i] with their answers, in the layout above."""
+        a, b, op = (np.asarray(v, dtype=np.int64) for v in (a, b, op))
+        minus = np.array([o == "-" for o in self.ops])[op]
+        assert not (minus & (a < b)).any(), "subtraction problems must have a >= b"
+        answer = np.where(minus, a - b, a + b)
+        place = 10 ** np.arange(self.digits + 1, dtype=np.int64)  # 1, 10, 100, ...: least significant first
+        n = len(a)
+        return np.concatenate([
+            a[:, None] // place[::-1][1:] % 10,
+            (self.stoi[self.ops[0]] + op)[:, None],
+            b[:, None] // place[::-1][1:] % 10,
+            np.full((n, 1), self.stoi["="]),
+            answer[:, None] // place % 10,
+            np.full((n, 1), self.eot),
+        ], axis=1)
+
+    def parse_problem(self, text: str) -> tuple[int, int, int]:
+        """(a, b, op index) of a prompt like "123+456="; a ValueError saying what a valid prompt looks like."""
+        m = self.pattern.fullmatch(text.strip())
+        example = "9" * self.digits + self.ops[0] + "1" * min(self.digits, 2) + "="  # valid for + and -
+        if m is None:
+            raise ValueError(f"prompt {text!r} is not a problem of this {self.digits}-digit model; write two numbers "
+                             f"of 1 to {self.digits} digits joined by one of {' '.join(self.ops)} and ending in '=', "
+                             f"like {example!r}")
+        a, op, b = int(m[1]), m[2], int(m[3])
+        if op == "-" and a < b:
+            raise ValueError(f"prompt {text!r}: this model only subtracts a smaller number from a larger one; "
+                             f"write it as '{b}-{a}='")
+        return a, b, self.ops.index(op)
+
+    def encode_problem(self, text: str) -> list[int]:
+        """Prompt ids of a problem string, operands zero-padded to the model's fixed width: "7+45=" -> 007+045=."""
+        a, b, op = self.parse_problem(text)
+        return self.sequences(np.array([a]), np.array([b]), np.array([op]))[0, : self.prompt_len].tolist()
+
+    def decode_answer(self, ids: list[int]) -> str:
+        """The generated reversed answer digits (up to '.') in normal order, without leading zeros: 9750. -> 579."""
+        ids = list(ids)
+        if self.eot in ids:
+            ids = ids[: ids.index(self.eot)]
+        return self.decode(ids)[::-1].lstrip("0") or "0"
+
+
+Tokenizer = GPT2Tokenizer | CharTokenizer | AdditionTokenizer
+
+
+def get_tokenizer(name: str, text: str | None = None, digits: int = 3, ops: str = "+") -> Tokenizer:
+    """`get_tokenizer("gpt2")`, `get_tokenizer("char", text=...)` or `get_tokenizer("addition", digits=3, ops="+")`."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "char":
         if not text:
             raise ValueError("the char tokenizer needs the training text: get_tokenizer('char', text=...)")
         return CharTokenizer(text)
-    raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2' or 'char'")
+    if name == "addition":
+        return AdditionTokenizer(digits, ops)
+    raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2', 'char' or 'addition'")
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     """Rebuild the tokenizer a checkpoint recorded with `to_dict()`."""
     if d.get("name") == "char":
         return CharTokenizer(d["chars"])
+    if d.get("name") == "addition":
+        return AdditionTokenizer(d["digits"], d["ops"])
     return get_tokenizer(d.get("name", "gpt2"))
