@@ -176,3 +176,9 @@ def exact_match(model: torch.nn.Module, tokenizer: AdditionTokenizer, problems: 
     seq = problem_sequences(tokenizer, problems)
     got = greedy_answers(model, tokenizer, seq[:, : tokenizer.prompt_len], device, batch_size)
     return float((got == seq[:, tokenizer.prompt_len :]).all(axis=1).mean())
+
+
+def answer_problems(model: torch.nn.Module, tok: AdditionTokenizer, problems: list[str], device: str) -> list[str]:
+    """The model's greedy answers to problem strings like "123+456=", in normal digit order ("579")."""
+    prompts = np.array([tok.encode_problem(p) for p in problems], dtype=np.int64).reshape(-1, tok.prompt_len)
+    return [tok.decode_answer(row) for row in greedy_answers(model, tok, prompts, device).tolist()]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from addition import answer_problems
 from checkpoint import load_model
 from devices import autocast, pick_device, pick_dtype
 from model import LanguageModel
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         dtype = pick_dtype(device, args.dtype)
         model, tokenizer = load_model(args.init)
         model.to(device).eval()
+        if tokenizer.name == "addition":  # a problem has one answer: greedy, in normal digit order
+            print(answer_problems(model, tokenizer, [args.prompt], device)[0], flush=True)
+            return
         generator = torch.Generator(device=device).manual_seed(args.seed)
         for i in range(args.num_samples):
             print(f"--- sample {i} ---", flush=True)

@@ -184,7 +184,7 @@ class AdditionTokenizer:
 
     def decode_answer(self, ids: list[int]) -> str:
         """The generated reversed answer digits (up to '.') in normal order, without leading zeros: 9750. -> 579."""
-        ids = list(ids)
+        ids = list(ids)[: self.answer_len - 1]  # at most the answer's digits, '.' or not
         if self.eot in ids:
             ids = ids[: ids.index(self.eot)]
         return self.decode(ids)[::-1].lstrip("0") or "0"

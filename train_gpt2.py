@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from addition import AdditionLoader, exact_match, held_out_problems
 from autobatch import candidates, largest_that_fits, try_step
 from checkpoint import (
     check_resumable,
@@ -113,10 +114,14 @@ def read_text(path: str) -> str:
 
 def build_data(
     cfg: TrainConfig, d: Dist, tokenizer: Tokenizer | None = None
-) -> tuple[Tokenizer, TokenLoader, TokenLoader]:
+) -> tuple[Tokenizer, TokenLoader | AdditionLoader, TokenLoader | AdditionLoader]:
     """The tokenizer and the train/val loaders this config asks for (`tokenizer` given: use that one)."""
     B, T = cfg.batch_size, cfg.block_size
     vocab = cfg.vocab_size or None
+    if cfg.data == "addition":  # problems drawn on the fly; "val" serves only the held-out ones
+        tokenizer = tokenizer or get_tokenizer("addition", digits=cfg.digits, ops=cfg.ops)
+        return tokenizer, *(AdditionLoader(tokenizer, B, T, d.rank, d.world_size, cfg.seed, split)
+                            for split in ("train", "val"))
     if cfg.data == "shards":
         tokenizer = tokenizer or get_tokenizer("gpt2")
         vocab = vocab or tokenizer.vocab_size
@@ -289,6 +294,11 @@ def hellaswag_examples(cfg: TrainConfig, tokenizer: Tokenizer) -> list[dict] | N
     return None
 
 
+def held_out(cfg: TrainConfig, tokenizer: Tokenizer) -> list[str] | None:
+    """1,000 addition problems the loader never serves for training (None for other data)."""
+    return held_out_problems(tokenizer, cfg.seed, 1000) if tokenizer.name == "addition" else None
+
+
 def evaluate_hellaswag(model: LanguageModel, examples: list[dict], tokenizer: Tokenizer, cfg: TrainConfig,
                        d: Dist, dtype: torch.dtype) -> dict:
     import hellaswag
@@ -383,7 +393,8 @@ class Trainer:
     val_loader: TokenLoader
     metrics: Metrics
     accum: int
-    examples: list[dict] | None = None
+    examples: list[dict] | None = None  # HellaSwag, scored at every evaluation when present
+    problems: list[str] | None = None  # held-out addition problems, scored likewise
     val_loss: float = float("nan")
     target_reached: dict | None = None
     skipped: int = 0
@@ -402,6 +413,11 @@ class Trainer:
             if d.master:
                 print(f"step {step:6d} | val loss {self.val_loss:.4f} <= target {cfg.target_val_loss} after "
                       f"{self.target_reached['tokens']:,} tokens, {fmt_duration(self.target_reached['time'])}")
+        if self.problems:
+            acc = exact_match(self.raw, self.tokenizer, self.problems, d.device)
+            self.metrics.log(step, addition_acc=acc)
+            if d.master:
+                print(f"step {step:6d} | exact match {acc:.4f} on {len(self.problems):,} held-out problems")
         if self.examples:
             hs = evaluate_hellaswag(self.raw, self.examples, self.tokenizer, cfg, d, self.dtype)
             self.metrics.log(step, hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
@@ -594,7 +610,8 @@ def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
         announce(cfg, d, raw, tokenizer, dtype, accum, compiled)
     metrics = Metrics(out_dir, elapsed, cfg.tensorboard, cfg.wandb_project if cfg.wandb else "", asdict(cfg))
     trainer = Trainer(cfg, d, dtype, raw, model, optimizer, scaler, tokenizer, train_loader, val_loader, metrics,
-                      accum, hellaswag_examples(cfg, tokenizer), target_reached=target_reached)
+                      accum, hellaswag_examples(cfg, tokenizer), held_out(cfg, tokenizer),
+                      target_reached=target_reached)
     return trainer, start_step, resume_path
 
 
