@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from loss import linear_cross_entropy
 from tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 HF_MODELS = {
@@ -267,14 +268,18 @@ class GPT(LanguageModel):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets (B, T; -1 = ignore), the mean cross-entropy."""
-        logits = self.lm_head(self.hidden_states(idx))
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given targets (B, T; -1 = ignore), the mean cross-entropy.
+
+        The loss never materialises the fp32 logits of all rows (see loss.py); callers that need only the loss
+        (training, evaluation) pass `return_logits=False` and get None for the logits.
+        """
+        x = self.hidden_states(idx)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        return (self.lm_head(x) if return_logits or targets is None else None), loss
 
     def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
         """Last-position logits; with the KV cache only the new token is run through the model."""
@@ -357,9 +362,9 @@ class BigramLanguageModel(LanguageModel):
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.token_embedding_table(idx)
+        logits = self.token_embedding_table(idx)  # the table is the logits: `return_logits` changes nothing
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
