@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from fileio import refused_object
+from loss import linear_cross_entropy
 from muon import CombinedOptimizer, Muon
 
 # GPT-2's checkpoints store these weights as Conv1D (in, out); nn.Linear wants (out, in)
@@ -392,14 +393,21 @@ class GPT(LanguageModel):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets (B, T; -1 = ignore), the mean cross-entropy."""
-        logits = soft_cap(self.lm_head(self.hidden_states(idx)), self.config.logit_softcap)
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given targets (B, T; -1 = ignore), the mean cross-entropy.
+
+        The loss never materialises the fp32 logits of all rows (see loss.py); callers that need only the loss
+        (training, evaluation) pass `return_logits=False` and get None for the logits.
+        """
+        x = self.hidden_states(idx)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        softcap=self.config.logit_softcap)
+        if return_logits or targets is None:
+            return soft_cap(self.lm_head(x), self.config.logit_softcap), loss
+        return None, loss
 
     def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
         """Last-position logits; with the KV cache only the new token is run through the model."""
@@ -515,9 +523,9 @@ class BigramLanguageModel(LanguageModel):
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.token_embedding_table(idx)
+        logits = self.token_embedding_table(idx)  # the table is the logits: `return_logits` changes nothing
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

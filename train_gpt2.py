@@ -271,7 +271,7 @@ def evaluate_loss(model: LanguageModel, loader: TokenLoader, iters: int, d: Dist
     for _ in range(iters):
         x, y = loader.next_batch()
         with autocast(d.device, dtype):
-            _, loss = model(x.to(d.device), y.to(d.device))
+            _, loss = model(x.to(d.device), y.to(d.device), return_logits=False)
         total += loss.detach().float()
     model.train(was_training)
     return all_mean(total / iters, d).item()
@@ -462,7 +462,7 @@ class Trainer:
             sync = not d.ddp or micro == accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(d.device, self.dtype):
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, return_logits=False)
                 if micro + 1 < accum:  # the next batch is read and copied while this one computes
                     batch = self.next_batch()
                 loss = loss / accum  # the sum over micro-steps is the mean over the whole batch

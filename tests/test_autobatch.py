@@ -45,10 +45,10 @@ def test_a_trial_step_leaves_weights_and_rng_untouched():
 def test_a_trial_that_runs_out_of_memory_says_so(monkeypatch):
     model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
 
-    def forward(idx, targets=None):
+    def forward(idx, targets=None, **kwargs):
         if idx.size(0) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.3 GiB")
-        return GPT.forward(model, idx, targets)
+        return GPT.forward(model, idx, targets, **kwargs)
 
     monkeypatch.setattr(model, "forward", forward)
     make = lambda: model.configure_optimizers(0.1, 1e-3, verbose=False)  # noqa: E731
