@@ -70,7 +70,9 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -85,6 +87,8 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
             elif past > 0:
                 is_causal = False  # one new query attends to every cached key
+        if attn_mask is not None:  # the caller's own pattern (e.g. several sequences packed in one row)
+            mask, is_causal = attn_mask, False
         # flash attention where the backend has it
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
@@ -115,8 +119,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -250,18 +256,29 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, n_embd) for tokens `idx` at positions following the cache."""
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, n_embd) for tokens `idx` at positions following the cache.
+
+        `positions` (B, T) and a boolean `attn_mask` (B, 1, T, T; True = may attend) replace the default
+        0, 1, ... positions and causal mask, e.g. for several sequences packed into one row; the caller keeps
+        every position below block_size.
+        """
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        if positions is None and start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            x = block(x, kv_cache, i, attn_mask)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)
