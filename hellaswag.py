@@ -1,6 +1,6 @@
 """HellaSwag: pick the right ending of a sentence, scored by the model's loss on each of the 4 endings.
 
-    python hellaswag.py --model gpt2 [--split val] [--limit N] [--batch_size 16] [--device cuda] [--dtype bfloat16]
+    python hellaswag.py --model gpt2 [--split val] [--limit N] [--batch_tokens 8192] [--device cuda] [--dtype bfloat16]
     python hellaswag.py --model out/run/ckpt_0019000.pt --jsonl hellaswag_val.jsonl --limit 100
 
 Protocol ("completion style", as in the dataset authors' and nanoGPT's evaluations): each ending is appended to
@@ -16,25 +16,31 @@ into `--data_dir` (default `<cache_dir>/hellaswag`), or any local file given wit
 from __future__ import annotations
 
 import argparse
-import contextlib
+import bisect
 import json
 import math
 import sys
 import urllib.request
+from dataclasses import dataclass
+from itertools import chain, pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from devices import DTYPES, autocast, pick_device
 from fileio import atomic_write_bytes
-from model import GPT, KVCache
+from model import GPT
 from tokenizer import cache_dir, get_tokenizer
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 NUM_ENDINGS = 4
 LM_HEAD_CHUNK = 256  # rows of logits materialised at a time: ~50 MB for a 50k vocab
+PACK_ROW_TOKENS = 256  # our GPT: examples (~130 tokens) packed into rows this long, or the longest example
+DEFAULT_BATCH_TOKENS = 8192  # tokens per forward: a GPU wants more (the trainer passes its micro-batch's)
 
 # OpenAI's checkpoints on the val split (10,042 examples): (acc, acc_norm) per protocol
 REFERENCE = {
@@ -133,7 +139,7 @@ def load_examples(
 
 
 # -----------------------------------------------------------------------------
-# scoring
+# tokens
 
 
 def encode_example(example: dict, tokenizer) -> tuple[list[int], list[list[int]]]:
@@ -171,101 +177,200 @@ def _fit_context(ctx: list[int], endings: list[list[int]], block_size: int, wher
     return ctx[max(0, len(ctx) + longest - block_size) :]
 
 
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+Encoded = list[tuple[list[int], list[list[int]]]]  # (context tokens, the 4 endings' tokens) per example
 
 
-def _ending_losses(
-    logits_of, hidden: torch.Tensor, pred_at: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and token count per row, from the hidden states (or logits) that predict each ending token.
+def _encode_all(examples: list[dict], ids: list[int], tokenizer, block_size: int | None) -> Encoded:
+    """Context and ending tokens of `examples[i]` for i in `ids`, the context cropped to `block_size`."""
+    encoded = []
+    for i in ids:
+        ctx, ends = encode_example(examples[i], tokenizer)
+        if block_size is not None:
+            ctx = _fit_context(ctx, ends, block_size, f"example {i} (ind {examples[i].get('ind')})")
+        encoded.append((ctx, ends))
+    return encoded
 
-    `hidden` is (R, P, ·); ending token k of row `rows[k]` is `targets[k]`, predicted at position `pred_at[k]`.
+
+# -----------------------------------------------------------------------------
+# layout: where every token of every example goes, computed once with numpy before any forward pass
+
+
+def _units(encoded: Encoded, share_context: bool) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """Each unit's tokens, its segment lengths (units, segments) and the slot of its first ending.
+
+    With `share_context` a unit is one example: its context once, then its 4 endings. Otherwise a unit is one
+    `context + ending` row. Slot 4 × example + j collects the losses of ending j of the example.
     """
-    h = hidden[rows, pred_at]  # (N, ·): only these positions go through the output layer
-    losses = torch.cat([F.cross_entropy(logits_of(c).float(), t, reduction="none")
-                        for c, t in zip(h.split(LM_HEAD_CHUNK), targets.split(LM_HEAD_CHUNK), strict=True)])
-    # float64 sums: adding up ~10-30 float32 losses of ~10 each would otherwise cost about 1e-5 in the total
-    losses = losses.to(_sum_dtype(hidden.device))
-    sums = torch.zeros(n_rows, dtype=losses.dtype, device=hidden.device).index_add_(0, rows, losses)
-    counts = torch.zeros(n_rows, dtype=losses.dtype, device=hidden.device).index_add_(0, rows, torch.ones_like(losses))
-    return sums, counts
+    if share_context:
+        tokens = [ctx + [t for end in ends for t in end] for ctx, ends in encoded]
+        lens = [[len(ctx)] + [len(end) for end in ends] for ctx, ends in encoded]
+        first_slot = np.arange(len(encoded)) * NUM_ENDINGS
+    else:
+        tokens = [ctx + end for ctx, ends in encoded for end in ends]
+        lens = [[len(ctx), len(end)] for ctx, ends in encoded for end in ends]
+        first_slot = np.arange(len(tokens))
+    segments = 1 + NUM_ENDINGS if share_context else 2
+    return tokens, np.array(lens, dtype=np.int64).reshape(len(tokens), segments), first_slot
 
 
-def _ending_targets(
-    starts: list[int], endings: list[list[int]], device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, predicting positions, target tokens) for every scored ending token.
+def _flatten(lens: np.ndarray, first_slot: np.ndarray) -> dict[str, np.ndarray]:
+    """Per flat token: its unit, segment (0 = context, j + 1 = ending j), position and column in the unit;
+    per scored token: its flat index, the unit column that predicts it, and its ending slot."""
+    n_units, n_segments = lens.shape
+    unit_len, seg_len = lens.sum(1), lens.ravel()
+    unit = np.repeat(np.arange(n_units), unit_len)
+    segment = np.repeat(np.tile(np.arange(n_segments), n_units), seg_len)
+    t = np.arange(int(unit_len.sum()))
+    in_segment = t - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
+    column = t - (np.cumsum(unit_len) - unit_len)[unit]
+    ctx_len = lens[unit, 0]
+    position = in_segment + np.where(segment > 0, ctx_len, 0)  # every ending continues right after the context
+    # the token at position p is predicted at p - 1: an ending's first token by the context's last one;
+    # position 0 (an empty context) has nothing before it and is not scored, as in the reference
+    scored = np.flatnonzero((segment > 0) & (position >= 1))
+    pred_col = np.where(in_segment == 0, ctx_len - 1, column - 1)[scored]
+    return {"unit": unit, "segment": segment, "position": position, "column": column, "scored": scored,
+            "pred_col": pred_col, "slot": first_slot[unit[scored]] + segment[scored] - 1}
 
-    Ending `endings[r]` starts at position `starts[r]` of row r; the token at position p is predicted at
-    p - 1, so the first token of a row with nothing before it is not scored (as in the reference).
+
+def pack_rows(
+    unit_len: np.ndarray, batch_tokens: int, row_tokens: int, per_row: int, max_units: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Place units in rows of `max(row_tokens, longest unit left)` tokens, at most `per_row` to a row, and rows
+    in batches of at most `batch_tokens` tokens and `max_units` units; returns each unit's row and column, and
+    the first row of every batch (plus the end).
+
+    Longest unit first; each row is then topped up with the longest units that still fit (first-fit
+    decreasing), so rows are nearly full. With `per_row` 1 this is sorting by length: a batch's rows are as
+    long as its longest unit.
     """
-    rows, pred_at, targets = [], [], []
-    for r, (start, end) in enumerate(zip(starts, endings, strict=True)):
-        for j, tok in enumerate(end):
-            if start + j >= 1:
-                rows.append(r)
-                pred_at.append(start + j - 1)
-                targets.append(tok)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
-    return as_tensor(rows), as_tensor(pred_at), as_tensor(targets)
+    left = sorted(range(len(unit_len)), key=lambda u: unit_len[u])  # ascending: the longest at the end
+    left_len = [int(unit_len[u]) for u in left]
+    row_of, col_of = np.zeros(len(unit_len), dtype=np.int64), np.zeros(len(unit_len), dtype=np.int64)
+    batch_start, row = [0], 0
+    while left:
+        width = max(row_tokens, left_len[-1])
+        rows_left, units_left = max(1, batch_tokens // width), max_units or len(left)
+        while left and rows_left and units_left:
+            col = 0
+            for _ in range(min(per_row, units_left)):
+                k = bisect.bisect_right(left_len, width - col) - 1  # the longest unit that fits
+                if k < 0:
+                    break
+                u, n = left.pop(k), left_len.pop(k)
+                row_of[u], col_of[u], col, units_left = row, col, col + n, units_left - 1
+            row, rows_left = row + 1, rows_left - 1
+        batch_start.append(row)
+    return row_of, col_of, batch_start
 
 
-def _pad(rows: list[list[int]], device) -> torch.Tensor:
-    out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+@dataclass
+class Layout:
+    """The batches of one evaluation, each a slice of the same device tensors.
 
-
-Batch = list[tuple[list[int], list[list[int]]]]  # (context tokens, the 4 endings' tokens) per example
-
-
-def _score_gpt(model: GPT, batch: Batch, vocab_size: int, device, cache_dtype: torch.dtype) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Our GPT: the context prefix common to the batch runs once per example, not once per ending.
-
-    With S the shortest context in the batch, every example's first S context tokens go through the model as
-    one row (B, S), filling a KV cache. Each ending row then continues from its example's cache with the rest
-    of its context and the ending; these rows run shortest first, `B` at a time, so little is padding.
-    The results are those of the full rows.
+    Batch b is rows `batch_start[b] : batch_start[b + 1]` of `grid`, `width[b]` columns; `grid` holds the flat
+    index of the token at each place (-1 = padding) into `tokens`, `positions`, `segments` and `units` (which
+    example / row each token belongs to). Its scored tokens are `scored_start[b] : scored_start[b + 1]`:
+    `target[k]` is predicted at (`scored_row[k]`, `scored_col[k]`) of the batch and its loss adds to `slot[k]`.
     """
-    B = len(batch)
-    S = min(len(ctx) for ctx, _ in batch)
-    if S == 0:  # an empty context: nothing to share
-        return _score_any(model, batch, vocab_size, device)
-    prefix = torch.tensor([ctx[:S] for ctx, _ in batch], dtype=torch.long, device=device)
-    prefix_cache = KVCache(model.config, B, S, device, cache_dtype)
-    last = model.hidden_states(prefix, prefix_cache)[:, -1:]  # predicts each row's first suffix token
-    suffixes = [ctx[S:] + end for ctx, ends in batch for end in ends]
-    starts = [len(ctx) - S + 1 for ctx, ends in batch for _ in ends]  # +1: the prefix's last position comes first
-    endings = [end for _, ends in batch for end in ends]
-    sums = torch.zeros(len(suffixes), dtype=_sum_dtype(device), device=device)
-    counts = torch.zeros_like(sums)
-    for chunk in _batches(sorted(range(len(suffixes)), key=lambda r: len(suffixes[r])), max(B, NUM_ENDINGS)):
-        example = torch.tensor([r // NUM_ENDINGS for r in chunk], dtype=torch.long, device=device)
-        idx = _pad([suffixes[r] for r in chunk], device)
-        cache = KVCache(model.config, len(chunk), S + idx.size(1), device, cache_dtype)
-        cache.k[:, :, :, :S] = prefix_cache.k[:, example]
-        cache.v[:, :, :, :S] = prefix_cache.v[:, example]
-        cache.pos = S
-        h = model.hidden_states(idx, cache)
-        hidden = torch.cat([last[example].to(h.dtype), h], dim=1)
-        rows, pred_at, targets = _ending_targets([starts[r] for r in chunk], [endings[r] for r in chunk], device)
-        s, c = _ending_losses(lambda x: model.lm_head(x)[:, :vocab_size], hidden, pred_at, targets, rows, len(chunk))
-        where = torch.tensor(chunk, dtype=torch.long, device=device)
-        sums[where], counts[where] = s.to(sums.dtype), c.to(counts.dtype)
-    return sums, counts
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+    units: torch.Tensor
+    grid: torch.Tensor
+    batch_start: list[int]
+    width: list[int]
+    scored_row: torch.Tensor
+    scored_col: torch.Tensor
+    target: torch.Tensor
+    slot: torch.Tensor  # on the CPU: the losses are summed there, in float64
+    scored_start: list[int]
 
 
-def _score_any(model: torch.nn.Module, batch: Batch, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any model whose forward gives logits (ours returns a tuple, `transformers` an object with `.logits`)."""
-    rows_tokens = [ctx + end for ctx, ends in batch for end in ends]
-    starts = [len(ctx) for ctx, ends in batch for _ in ends]
-    rows, pred_at, targets = _ending_targets(starts, [end for _, ends in batch for end in ends], device)
-    out = model(_pad(rows_tokens, device))
+def make_layout(
+    encoded: Encoded, share_context: bool, batch_tokens: int, max_examples: int | None = None, device="cpu"
+) -> Layout:
+    """Lay out `encoded` examples in batches: with `share_context` (our GPT) whole examples packed several to a
+    row (PACK_ROW_TOKENS), else one `context + ending` row per ending, similar lengths side by side."""
+    units, lens, first_slot = _units(encoded, share_context)
+    f = _flatten(lens, first_slot)
+    tokens = np.fromiter(chain.from_iterable(units), dtype=np.int64, count=len(f["unit"]))
+    per_row, row_tokens = (len(units) or 1, PACK_ROW_TOKENS) if share_context else (1, 0)
+    max_units = None if max_examples is None else max_examples * (1 if share_context else NUM_ENDINGS)
+    row_of, col_of, batch_start = pack_rows(lens.sum(1), batch_tokens, row_tokens, per_row, max_units)
+    grid_col = col_of[f["unit"]] + f["column"]
+    grid = np.full((batch_start[-1], int(grid_col.max(initial=0)) + 1), -1, dtype=np.int64)
+    grid[row_of[f["unit"]], grid_col] = np.arange(len(tokens))
+    batch_of_row = np.repeat(np.arange(len(batch_start) - 1), np.diff(batch_start))
+    width = [int((grid[a:b] >= 0).any(0).nonzero()[0].max(initial=0)) + 1 for a, b in pairwise(batch_start)]
+    scored_unit = f["unit"][f["scored"]]
+    scored_batch = batch_of_row[row_of[scored_unit]]
+    order = np.argsort(scored_batch, kind="stable")  # the scored tokens batch by batch
+    scored_unit, scored_batch = scored_unit[order], scored_batch[order]
+    as_tensor = lambda x: torch.as_tensor(x, dtype=torch.long).to(device)  # noqa: E731
+    return Layout(
+        tokens=as_tensor(tokens), positions=as_tensor(f["position"]), segments=as_tensor(f["segment"]),
+        units=as_tensor(f["unit"]), grid=as_tensor(grid), batch_start=batch_start, width=width,
+        scored_row=as_tensor(row_of[scored_unit] - np.asarray(batch_start)[scored_batch]),
+        scored_col=as_tensor(col_of[scored_unit] + f["pred_col"][order]),
+        target=as_tensor(tokens[f["scored"][order]]), slot=torch.as_tensor(f["slot"][order]),
+        scored_start=np.searchsorted(scored_batch, np.arange(len(batch_start))).tolist(),
+    )
+
+
+def batch_rows(lay: Layout, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, positions, segments and units (rows, width) of batch `b`; padding is unit -1, segment -1."""
+    idx = lay.grid[lay.batch_start[b] : lay.batch_start[b + 1], : lay.width[b]]
+    pad = idx < 0
+    idx = idx.clamp(min=0)
+    return (lay.tokens[idx].masked_fill_(pad, 0), lay.positions[idx].masked_fill_(pad, 0),
+            lay.segments[idx].masked_fill_(pad, -1), lay.units[idx].masked_fill_(pad, -1))
+
+
+def tree_mask(segments: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, T): causal, within a unit, and an ending sees the context (segment 0)
+    and itself only. Padding (unit -1) sees the padding before it: every query keeps a key (no NaN rows)."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same_unit = units[:, None, :] == units[:, :, None]
+    key, query = segments[:, None, :], segments[:, :, None]
+    return (causal & same_unit & ((key == 0) | (key == query)))[:, None]
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def _ending_losses(logits_of, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Float32 loss of each scored token from the hidden states (or logits) that predict it, a chunk at a time."""
+    return torch.cat([F.cross_entropy(logits_of(h).float(), t, reduction="none")
+                      for h, t in zip(hidden.split(LM_HEAD_CHUNK), target.split(LM_HEAD_CHUNK), strict=True)])
+
+
+def _scored(lay: Layout, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column, target) of the scored tokens of batch `b`."""
+    k = slice(lay.scored_start[b], lay.scored_start[b + 1])
+    return lay.scored_row[k], lay.scored_col[k], lay.target[k]
+
+
+def _packed_hidden(model: GPT, tokens, positions, segments, units) -> torch.Tensor:
+    return model.hidden_states(tokens, positions=positions, attn_mask=tree_mask(segments, units))
+
+
+def _gpt_losses(model: GPT, hidden_of, lay: Layout, b: int, vocab_size: int) -> torch.Tensor:
+    """Our GPT: packed examples, the output layer only where an ending token is predicted."""
+    hidden = hidden_of(model, *batch_rows(lay, b))
+    rows, cols, target = _scored(lay, b)
+    return _ending_losses(lambda h: model.logits(h)[:, :vocab_size], hidden[rows, cols], target)
+
+
+def _any_losses(model: torch.nn.Module, lay: Layout, b: int, vocab_size: int) -> torch.Tensor:
+    """Any model whose forward gives logits (`transformers` returns an object with `.logits`): a row per ending."""
+    out = model(batch_rows(lay, b)[0])
     logits = out[0] if isinstance(out, tuple) else out.logits
-    return _ending_losses(lambda x: x[:, :vocab_size], logits, pred_at, targets, rows, len(rows_tokens))
+    rows, cols, target = _scored(lay, b)
+    return _ending_losses(lambda x: x[:, :vocab_size], logits[rows, cols], target)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -278,8 +383,66 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def _batches(order: list[int], batch_size: int) -> list[list[int]]:
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def score(
+    model: torch.nn.Module,
+    encoded: Encoded,
+    vocab_size: int,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    compile: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and scored-token count (examples, 4), float64 on the CPU, of each ending of `encoded`.
+
+    A forward holds about `batch_tokens` tokens (more only for one long example) and at most `batch_size`
+    examples. The model must be in eval mode, under the autocast wanted, with no autograd.
+    """
+    ours = isinstance(model, GPT)
+    lay = make_layout(encoded, ours, batch_tokens, batch_size, device)
+    hidden_of = torch.compile(_packed_hidden, dynamic=True) if compile and ours else _packed_hidden
+    losses = []
+    for b in tqdm(range(len(lay.width)), unit="batch", desc="hellaswag", disable=not progress):
+        losses.append(_gpt_losses(model, hidden_of, lay, b, vocab_size) if ours
+                      else _any_losses(model, lay, b, vocab_size))
+    # float64 sums: adding up ~10-30 float32 losses of ~10 each would otherwise cost about 1e-5 in the total
+    loss = torch.cat(losses).cpu().double() if losses else torch.zeros(0, dtype=torch.float64)
+    n = NUM_ENDINGS * len(encoded)
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, lay.slot, loss)
+    counts = torch.bincount(lay.slot, minlength=n).double()
+    return sums.view(-1, NUM_ENDINGS), counts.view(-1, NUM_ENDINGS)
+
+
+def _predictions(examples: list[dict], ids: list[int], sums: torch.Tensor, counts: torch.Tensor) -> list[dict]:
+    means = sums / counts
+    preds, preds_norm = sums.argmin(1).tolist(), means.argmin(1).tolist()
+    return [{"index": i, "ind": examples[i].get("ind"), "label": examples[i].get("label"), "pred": p,
+             "pred_norm": pn, "sum_loss": s, "mean_loss": m}
+            for i, p, pn, s, m in zip(ids, preds, preds_norm, sums.tolist(), means.tolist(), strict=True)]
+
+
+def _tally(predictions: list[dict], device, distributed: bool) -> tuple[int, int, int]:
+    """(correct, correct by acc_norm, labelled) over `predictions`, summed over ranks when `distributed`."""
+    labelled = [p for p in predictions if p["label"] is not None]
+    counts = [sum(p["pred"] == p["label"] for p in labelled), sum(p["pred_norm"] == p["label"] for p in labelled),
+              len(labelled)]
+    if distributed:
+        t = torch.tensor(counts, dtype=torch.long, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        counts = t.tolist()
+    return counts[0], counts[1], counts[2]
+
+
+def _check_args(tokenizer, batch_size: int | None, batch_tokens: int, rank: int, world_size: int) -> None:
+    _check_tokenizer(tokenizer)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(f"world_size {world_size} needs an initialised torch.distributed process group")
 
 
 @torch.no_grad()
@@ -287,14 +450,17 @@ def evaluate(
     model: torch.nn.Module,
     examples: list[dict],
     tokenizer=None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    compile: bool = False,
 ) -> dict:
-    """Score `examples` with `model` (already on `device`), `batch_size` examples (4 rows each) per forward.
+    """Score `examples` with `model` (already on `device`): up to `batch_tokens` tokens (and at most `batch_size`
+    examples, if given) per forward.
 
     Rank `rank` of `world_size` scores examples rank, rank + world_size, ...; when torch.distributed is
     initialised the counts are summed over ranks, so every rank returns the global `acc`, `acc_norm`,
@@ -302,71 +468,26 @@ def evaluate(
     `dtype` other than float32 runs the model under autocast, as in training; the loss of each token is
     taken in float32 over the tokenizer's ids only (a padded vocab's extra logits are ignored).
     Each prediction holds the example's `index` in `examples`, `ind`, `label`, `pred`, `pred_norm`, and the
-    4 endings' `sum_loss` and `mean_loss`.
+    4 endings' `sum_loss` and `mean_loss`. `compile` compiles our GPT's forward (worth it for long runs).
     """
     tokenizer = tokenizer or get_tokenizer("gpt2")
-    _check_tokenizer(tokenizer)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    distributed = world_size > 1
-    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise ValueError(f"world_size {world_size} needs an initialised torch.distributed process group")
-    device = torch.device(device)
+    _check_args(tokenizer, batch_size, batch_tokens, rank, world_size)
     model = _unwrap(model)
-    vocab_size = tokenizer.vocab_size  # a padded model vocab has unused logits past the tokenizer's ids
-    block_size = getattr(getattr(model, "config", None), "block_size", None) or getattr(
-        getattr(model, "config", None), "n_positions", None)
-
+    config = getattr(model, "config", None)
+    block_size = getattr(config, "block_size", None) or getattr(config, "n_positions", None)
     mine = list(range(rank, len(examples), world_size))
-    encoded = {}
-    for i in mine:
-        ctx, ends = encode_example(examples[i], tokenizer)
-        if block_size is not None:
-            ctx = _fit_context(ctx, ends, block_size, f"example {i} (ind {examples[i].get('ind')})")
-        encoded[i] = (ctx, ends)
-    # similar lengths side by side: little padding, and a long common context prefix in each batch
-    order = sorted(mine, key=lambda i: (len(encoded[i][0]), max(len(e) for e in encoded[i][1])))
-
-    use_cache = isinstance(model, GPT)
-    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    encoded = _encode_all(examples, mine, tokenizer, block_size)
     was_training = model.training
     model.eval()
-    predictions = []
-    n_correct = n_correct_norm = n_total = 0
     try:
-        bar = tqdm(total=len(mine), unit="ex", desc="hellaswag", disable=not progress or rank != 0)
-        for ids in _batches(order, batch_size):
-            batch = [encoded[i] for i in ids]
-            with autocast:
-                if use_cache:
-                    sums, counts = _score_gpt(model, batch, vocab_size, device, cache_dtype)
-                else:
-                    sums, counts = _score_any(model, batch, vocab_size, device)
-            sums, means = sums.view(-1, NUM_ENDINGS).cpu(), (sums / counts).view(-1, NUM_ENDINGS).cpu()
-            for i, s, m in zip(ids, sums, means, strict=True):
-                label = examples[i].get("label")
-                pred, pred_norm = int(s.argmin()), int(m.argmin())
-                predictions.append({"index": i, "ind": examples[i].get("ind"), "label": label, "pred": pred,
-                                    "pred_norm": pred_norm, "sum_loss": s.tolist(), "mean_loss": m.tolist()})
-                if label is not None:
-                    n_total += 1
-                    n_correct += int(pred == label)
-                    n_correct_norm += int(pred_norm == label)
-            bar.update(len(ids))
-            bar.set_postfix(acc_norm=f"{n_correct_norm / max(n_total, 1):.4f}")
-        bar.close()
+        with autocast(str(device), dtype):
+            # a padded model vocab has unused logits past the tokenizer's ids
+            sums, counts = score(model, encoded, tokenizer.vocab_size, batch_tokens, batch_size, device, compile,
+                                 progress and rank == 0)
     finally:
         model.train(was_training)
-
-    if distributed:
-        counts = torch.tensor([n_correct, n_correct_norm, n_total], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-        n_correct, n_correct_norm, n_total = (int(c) for c in counts.tolist())
-    predictions.sort(key=lambda p: p["index"])
+    predictions = _predictions(examples, mine, sums, counts)
+    n_correct, n_correct_norm, n_total = _tally(predictions, device, world_size > 1)
     return {
         "acc": n_correct / n_total if n_total else math.nan,
         "acc_norm": n_correct_norm / n_total if n_total else math.nan,
@@ -379,14 +500,6 @@ def evaluate(
 
 # -----------------------------------------------------------------------------
 # command line
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def format_result(result: dict, model_name: str, source: str) -> str:
@@ -412,21 +525,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jsonl", default=None, help="read examples from this file instead of --split")
     p.add_argument("--data_dir", default=None, help=f"where the splits are cached (default {default_data_dir()})")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="anything but float32 runs under autocast")
+    p.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help="tokens per forward pass, padding included (an example is its context + 4 endings)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="at most this many examples per forward pass (default: as many as --batch_tokens holds)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="anything but float32 runs under autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass (pays off on the full split)")
     p.add_argument("--predictions", default=None, help="write one JSON line per example here")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        sys.exit("error: --limit must be at least 1")
+    for flag in ("limit", "batch_size", "batch_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be at least 1")
     try:
+        device = pick_device(args.device)
         examples = load_examples(args.split, args.data_dir, args.jsonl, args.limit)
         model, tokenizer = load_model(args.model, map_location="cpu")
         _check_tokenizer(tokenizer)
-        model.to(args.device)
-        result = evaluate(model, examples, tokenizer, batch_size=args.batch_size, device=args.device,
-                          dtype=getattr(torch, args.dtype), progress=True)
+        model.to(device)
+        result = evaluate(model, examples, tokenizer, batch_size=args.batch_size, device=device,
+                          dtype=DTYPES[args.dtype], progress=True, batch_tokens=args.batch_tokens,
+                          compile=args.compile)
     except ValueError as e:  # HellaSwagError, CheckpointError and load_model's errors: one line each
         sys.exit(f"error: {e}")
     if args.predictions:

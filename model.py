@@ -134,7 +134,12 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: RopeAngles | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        rope: RopeAngles | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -154,6 +159,8 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
             elif past > 0:
                 is_causal = False  # one new query attends to every cached key
+        if attn_mask is not None:  # the caller's own pattern (e.g. several sequences packed in one row)
+            mask, is_causal = attn_mask, False
         # flash attention where the backend has it
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
@@ -191,9 +198,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: RopeAngles | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        rope: RopeAngles | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -372,22 +384,37 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, n_embd) for tokens `idx` at positions following the cache."""
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, n_embd) for tokens `idx` at positions following the cache.
+
+        `positions` (B, T) and a boolean `attn_mask` (B, 1, T, T; True = may attend) replace the default
+        0, 1, ... positions and causal mask, e.g. for several sequences packed into one row; the caller keeps
+        every position below block_size.
+        """
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        if positions is None and start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}"
             )
+        if positions is None:
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x, rope = self.transformer.wte(idx), None
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
-        else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            x = x + self.transformer.wpe(positions)
+        elif positions.dim() == 1:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+        else:  # one row of positions per sequence: (B, 1, T, hs/2) broadcasts over the heads
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i, rope)
+            x = block(x, kv_cache, i, rope, attn_mask)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.transformer.ln_f(x)
@@ -406,8 +433,12 @@ class GPT(LanguageModel):
             loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                         softcap=self.config.logit_softcap)
         if return_logits or targets is None:
-            return soft_cap(self.lm_head(x), self.config.logit_softcap), loss
+            return self.logits(x), loss
         return None, loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output layer on hidden states (..., n_embd): lm_head, then the soft-cap when the config has one."""
+        return soft_cap(self.lm_head(x), self.config.logit_softcap)
 
     def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
         """Last-position logits; with the KV cache only the new token is run through the model."""
@@ -424,7 +455,7 @@ class GPT(LanguageModel):
             # With rope the window restarts at position 0, which changes nothing (attention sees only offsets):
             # a sliding window of the last block_size tokens, without the cache.
             x = self.hidden_states(idx[:, -self.config.block_size :])
-        return soft_cap(self.lm_head(x[:, -1, :]), self.config.logit_softcap)
+        return self.logits(x[:, -1, :])
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); `non_embedding` leaves out the table lookups that are no matmul:

@@ -1,11 +1,12 @@
-"""HellaSwag scoring speed on CPU for the GPT-2 124M config (random weights): `hellaswag.evaluate` (batched,
-context run once per example) against the reference way (one example per forward, full logits), same results.
+"""HellaSwag scoring speed for the GPT-2 124M config (random weights): `hellaswag.evaluate` (examples packed
+several to a row, each context computed once) against build-nanogpt's way (one example per forward: 4 padded
+rows of context + ending, full logits), on the same examples, with the same results.
 
     python -m bench.hellaswag [--quick]
 
-The examples are synthetic, in the dataset's format: a context of 2-6 consecutive lines of `input.txt` and
-endings of 1-3 lines each (about 42 and 21 tokens), so nothing is downloaded. The saving grows with the
-context's share of each row and with the number of examples (batches of closer context lengths).
+Runs on CUDA (bf16 autocast, as in training) when there is a GPU, else on the CPU in fp32. The examples are
+synthetic, in the dataset's format: a context of 2-6 consecutive lines of `input.txt` and endings of 1-3 lines
+each (about 42 and 21 tokens; the real val split averages about 40 and 25), so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from torch.nn import functional as F
 
 from bench.common import Row, format_table
-from hellaswag import encode_example, evaluate, render_example
+from devices import autocast
+from hellaswag import DEFAULT_BATCH_TOKENS, encode_example, evaluate, render_example
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -44,65 +46,104 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def one_example_per_forward(model: GPT, examples: list[dict], tokenizer) -> list[tuple[list[float], list[float]]]:
-    """The reference scorer: the 4 rows of one example, full logits, cross-entropy at every position, masked."""
+def one_example_per_forward(model: GPT, examples: list[dict], tokenizer, device: str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> list[tuple[list[float], list[float]]]:
+    """build-nanogpt's scorer: the 4 rows of one example, full logits, cross-entropy at every position, masked."""
     out = []
     for ex in examples:
         tokens, mask, _ = render_example(ex, tokenizer)
-        logits, _ = model(tokens)
-        losses = F.cross_entropy(logits[:, :-1, : tokenizer.vocab_size].flatten(0, 1), tokens[:, 1:].flatten(),
-                                 reduction="none").view(tokens.size(0), -1)
+        tokens, mask = tokens.to(device), mask.to(device)
+        with autocast(device, dtype):
+            logits, _ = model(tokens)
+        losses = F.cross_entropy(logits[:, :-1, : tokenizer.vocab_size].flatten(0, 1).float(),
+                                 tokens[:, 1:].flatten(), reduction="none").view(tokens.size(0), -1)
         m = mask[:, 1:].float()
         sums = (losses * m).sum(1)
         out.append((sums.tolist(), (sums / m.sum(1)).tolist()))
     return out
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def side_by_side(model: GPT, examples: list[dict], tokenizer, chunk: int, device: str, dtype: torch.dtype,
+                 **kwargs) -> tuple[float, float, list[dict], list]:
+    """Seconds of `evaluate` and of the one-example scorer, timed turn about on chunks of `chunk` examples
+    (the order flipped each turn: on a shared machine the load changes by the minute); and their results."""
+    t_new = t_ref = 0.0
+    new: list[dict] = []
+    ref: list = []
+    for k, start in enumerate(range(0, len(examples), chunk)):
+        part = examples[start : start + chunk]
+        for scorer in ("new", "ref")[:: 1 if k % 2 == 0 else -1]:
+            _sync(device)
+            t0 = time.perf_counter()
+            if scorer == "new":
+                new += evaluate(model, part, tokenizer, device=device, dtype=dtype, **kwargs)["predictions"]
+                _sync(device)
+                t_new += time.perf_counter() - t0
+            else:
+                ref += one_example_per_forward(model, part, tokenizer, device, dtype)
+                _sync(device)
+                t_ref += time.perf_counter() - t0
+    return t_new, t_ref, new, ref
+
+
+def check_same(new: list[dict], ref: list, tol: float) -> int:
+    """The summed losses agree within `tol` (relative), and so do the predictions but for near-ties: an ending
+    whose reference loss is within `tol` of the best one's. Returns the number of such tied predictions."""
+    ties = 0
+    for i, (p, (sums, means)) in enumerate(zip(new, ref, strict=True)):
+        gap = max(abs(a - b) / abs(b) for a, b in zip(p["sum_loss"], sums, strict=True))
+        assert gap < tol, f"example {i}: summed losses differ by {gap:.2g} (relative)"
+        for pred, losses in ((p["pred"], sums), (p["pred_norm"], means)):
+            best = min(losses)
+            assert losses[pred] - best <= tol * best, f"example {i}: prediction differs from the one-example one"
+            ties += losses[pred] != best
+    return ties
+
+
 def run(quick: bool = False) -> list[Row]:
-    n = 48 if quick else 200
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = f"cuda ({torch.cuda.get_device_name(0)}), bf16" if device == "cuda" else "cpu, fp32"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = (32 if quick else 192) * (16 if device == "cuda" else 1)
     tokenizer = get_tokenizer("gpt2")
     examples = synthetic_examples(n)
     torch.manual_seed(0)
-    model = GPT(GPTConfig()).eval()  # the 124M config
+    model = GPT(GPTConfig()).to(device).eval()  # the 124M config
     encoded = [encode_example(ex, tokenizer) for ex in examples]
     ctx_len = sum(len(ctx) for ctx, _ in encoded) / n
     ending_len = sum(len(e) for _, ends in encoded for e in ends) / (4 * n)
+    batch_tokens = DEFAULT_BATCH_TOKENS * (8 if device == "cuda" else 1)
 
-    evaluate(model, examples[:4], tokenizer, batch_size=4)  # warm-up: first-call allocations
-    one_example_per_forward(model, examples[:1], tokenizer)
+    evaluate(model, examples[:4], tokenizer, device=device, dtype=dtype)  # warm-up: first-call allocations
+    one_example_per_forward(model, examples[:2], tokenizer, device, dtype)
+    chunk = n if quick else n // 4
+    t_new, t_ref, new, ref = side_by_side(model, examples, tokenizer, chunk, device, dtype,
+                                          batch_tokens=batch_tokens)
+    ties = check_same(new, ref, tol=1e-6 if dtype == torch.float32 else 2e-2)
 
-    # On a shared machine the load changes by the minute: time the two scorers turn about, one batch of 16
-    # examples at a time (the batched scorer's own batches: it sorts by the same key), order flipped each time.
-    order = sorted(range(n), key=lambda i: (len(encoded[i][0]), max(len(e) for e in encoded[i][1])))
-    t_batched = t_reference = 0.0
-    batched: dict[int, dict] = {}
-    reference: dict[int, tuple[list[float], list[float]]] = {}
-    for k, start in enumerate(range(0, n, 16)):
-        ids = order[start : start + 16]
-        part = [examples[i] for i in ids]
-        for scorer in ("batched", "reference")[:: 1 if k % 2 == 0 else -1]:
-            t0 = time.perf_counter()
-            if scorer == "batched":
-                preds = evaluate(model, part, tokenizer, batch_size=16)["predictions"]
-                t_batched += time.perf_counter() - t0
-                batched |= {ids[p["index"]]: p for p in preds}
-            else:
-                scores = one_example_per_forward(model, part, tokenizer)
-                t_reference += time.perf_counter() - t0
-                reference |= dict(zip(ids, scores, strict=True))
-
-    for i in range(n):
-        p, (sums, means) = batched[i], reference[i]
-        assert p["pred"] == min(range(4), key=sums.__getitem__), f"example {i}: prediction differs"
-        assert p["pred_norm"] == min(range(4), key=means.__getitem__), f"example {i}: acc_norm prediction differs"
-        assert max(abs(a - b) for a, b in zip(p["sum_loss"], sums, strict=True)) < 1e-3, "summed losses differ"
-
-    case = f"124M fp32, {n} examples, context {ctx_len:.0f} + ending {ending_len:.0f} tokens"
-    return [
-        Row("hellaswag", f"evaluate, batch_size 16 ({case})", n / t_batched, "examples/s",
-            "one example per forward", t_reference / t_batched, ">= 3"),
-        Row("hellaswag", "one example per forward, full logits", n / t_reference, "examples/s"),
+    case = f"124M {where}, {n} examples, context {ctx_len:.0f} + ending {ending_len:.0f} tokens"
+    note = f"; {ties} of {2 * n} predictions differ, at near-ties" if ties else ""
+    rows = [
+        Row("hellaswag", f"evaluate, packed, batch_tokens {batch_tokens} ({case}){note}", n / t_new, "examples/s",
+            "one example per forward", t_ref / t_new, ">= 3" if device == "cpu" else ">= 1,000 examples/s"),
+        Row("hellaswag", f"one example per forward, full logits ({where})", n / t_ref, "examples/s"),
     ]
+    if device == "cuda" and not quick:  # compiling pays on a GPU over a long run; on 2 CPU cores it does not
+        kwargs = dict(device=device, dtype=dtype, batch_tokens=batch_tokens, compile=True)
+        evaluate(model, examples, tokenizer, **kwargs)  # compiles (for every batch shape)
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate(model, examples, tokenizer, **kwargs)
+        _sync(device)
+        t_compiled = time.perf_counter() - t0
+        rows.insert(1, Row("hellaswag", f"evaluate, packed, compiled ({where})", n / t_compiled, "examples/s",
+                           "one example per forward", t_ref / t_compiled))
+    return rows
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -53,15 +54,20 @@ def tiny_gpt(vocab: int = 50257, block_size: int = 128, seed: int = 0) -> GPT:
     return model.eval()
 
 
-def naive_scores(model, examples, vocab: int = 50257, crop_to: int | None = None):
-    """One example per forward, full logits, float64 log-softmax: the reference protocol written out plainly."""
+def naive_scores(model, examples, vocab: int = 50257, crop_to: int | None = None, block_size: int | None = None):
+    """One forward per ending over context + ending, full logits, float64 cross-entropy: the reference protocol
+    written out plainly. `block_size` drops the oldest context tokens until the longest row fits (as the
+    evaluator does); `crop_to` instead crops each row on its own."""
     enc = gpt2_encoding()
     out = []
     for ex in examples:
         ctx = enc.encode_ordinary(ex["ctx"])
+        endings = [enc.encode_ordinary(" " + ending) for ending in ex["endings"]]
+        if block_size is not None:
+            while ctx and len(ctx) + max(len(e) for e in endings) > block_size:
+                ctx = ctx[1:]
         sums, means = [], []
-        for ending in ex["endings"]:
-            end = enc.encode_ordinary(" " + ending)
+        for end in endings:
             row = ctx + end
             n_ctx = len(ctx)
             if crop_to is not None and len(row) > crop_to:
@@ -69,10 +75,11 @@ def naive_scores(model, examples, vocab: int = 50257, crop_to: int | None = None
             with torch.no_grad():
                 logits = model(torch.tensor([row]))
                 logits = logits[0] if isinstance(logits, tuple) else logits.logits
-            logp = F.log_softmax(logits[0, :, :vocab].double(), dim=-1)
-            losses = [-logp[p - 1, row[p]].item() for p in range(max(n_ctx, 1), len(row))]
-            sums.append(sum(losses))
-            means.append(sum(losses) / len(losses))
+            first = max(n_ctx, 1)  # a token with nothing before it has no prediction
+            losses = F.cross_entropy(logits[0, first - 1 : -1, :vocab].double(), torch.tensor(row[first:]),
+                                     reduction="none")
+            sums.append(losses.sum().item())
+            means.append(losses.mean().item())
         out.append((sums, means))
     return out
 
@@ -84,6 +91,15 @@ def assert_matches_naive(result, naive, tol=1e-5):
         assert p["pred_norm"] == min(range(4), key=lambda k: means[k])
         assert max(abs(a - b) for a, b in zip(p["sum_loss"], sums, strict=True)) <= tol
         assert max(abs(a - b) for a, b in zip(p["mean_loss"], means, strict=True)) <= tol
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (7x the CPU time on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +145,58 @@ def test_batched_matches_naive(model, examples, naive, batch_size):
                                              for p, y in zip(result["predictions"], labels, strict=True))
     assert result["acc_norm"] == result["num_correct_norm"] / len(examples)
     assert [p["index"] for p in result["predictions"]] == list(range(len(examples)))
+
+
+def mixed_examples(n: int, seed: int) -> list[dict]:
+    """Short, long and empty contexts: with block_size 64 some rows fill the window and some contexts are cropped."""
+    rng = random.Random(seed)
+    out = make_examples(n, seed=seed, ctx_words=(0, 45))
+    for ex in rng.sample(out, n // 20):
+        ex["ctx"] = ""
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """A model with a 64-token window, 300 examples for it, and their naive scores."""
+    model, examples = tiny_gpt(block_size=64, seed=2), mixed_examples(300, seed=5)
+    return model, examples, naive_scores(model, examples, block_size=64)
+
+
+def test_mixed_examples_cover_empty_cropped_and_full_windows(mixed):
+    enc = gpt2_encoding()
+    _, examples, _ = mixed
+    fill = [len(enc.encode_ordinary(ex["ctx"])) + max(len(enc.encode_ordinary(" " + e)) for e in ex["endings"])
+            for ex in examples]
+    assert sum(ex["ctx"] == "" for ex in examples) >= 10
+    assert sum(f == 64 for f in fill) >= 3 and sum(f > 64 for f in fill) >= 10  # full as is / after cropping
+
+
+@pytest.mark.parametrize("batch_tokens,batch_size", [(64, None), (700, None), (100_000, None), (4096, 3)])
+def test_packed_matches_naive_on_many_mixed_examples(mixed, batch_tokens, batch_size):
+    model, examples, naive = mixed
+    result = hellaswag.evaluate(model, examples, batch_size=batch_size, batch_tokens=batch_tokens)
+    assert_matches_naive(result, naive)
+
+
+def test_pack_rows_places_every_unit_once_within_limits():
+    rng = np.random.default_rng(0)
+    unit_len = rng.integers(1, 300, size=500)
+    for per_row, row_tokens, max_units in ((500, 256, None), (1, 0, None), (500, 256, 7)):
+        row_of, col_of, batch_start = hellaswag.pack_rows(unit_len, 2048, row_tokens, per_row, max_units)
+        assert batch_start[0] == 0 and batch_start[-1] == row_of.max() + 1
+        for a, b in zip(batch_start, batch_start[1:], strict=False):
+            units = np.flatnonzero((row_of >= a) & (row_of < b))
+            width = max(row_tokens, unit_len[units].max())
+            assert (b - a) * width <= 2048 or b - a == 1
+            assert max_units is None or len(units) <= max_units
+            for r in range(a, b):  # units of a row side by side, without overlap, within the width
+                in_row = sorted(np.flatnonzero(row_of == r), key=lambda u: col_of[u])
+                ends = [col_of[u] + unit_len[u] for u in in_row]
+                assert col_of[in_row[0]] == 0 and ends[-1] <= width and len(in_row) <= per_row
+                assert all(col_of[v] == e for v, e in zip(in_row[1:], ends, strict=False))
+    row_of, _, batch_start = hellaswag.pack_rows(unit_len, 2048, 256, 500)
+    assert unit_len.sum() / (256 * batch_start[-1]) > 0.9  # rows nearly full
 
 
 def test_generic_path_matches_naive(model, examples, naive):
@@ -258,6 +326,8 @@ def test_two_rank_gloo_matches_one_process(tmp_path, model, examples):
     assert len(ranks[0]["predictions"]) == 12 and len(ranks[1]["predictions"]) == 11
     assert [(p["pred"], p["pred_norm"]) for p in shards] == [(p["pred"], p["pred_norm"])
                                                             for p in single["predictions"]]
+    for a, b in zip(shards, single["predictions"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a["sum_loss"], b["sum_loss"], strict=True)) <= 1e-5
 
 
 def test_world_size_without_process_group_refused(model, examples):
@@ -340,6 +410,22 @@ def test_cli_char_checkpoint_is_a_clear_error(tmp_path, examples):
     assert str(e.value).startswith("error:") and "char" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("flag", ["--batch_tokens", "--batch_size", "--limit"])
+def test_cli_bad_size_is_a_one_line_error(flag):
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["--jsonl", "unused.jsonl", flag, "0"])
+    assert str(e.value) == f"error: {flag} must be at least 1"
+
+
 def test_nan_when_nothing_labelled(model, examples):
     result = hellaswag.evaluate(model, [{k: v for k, v in examples[0].items() if k != "label"}])
     assert math.isnan(result["acc"]) and result["num_total"] == 0
+
+
+@pytest.mark.parametrize("options", [{"pos": "rope"}, {"pos": "rope", "qk_norm": True, "logit_softcap": 10.0,
+                                                       "norm": "rmsnorm", "mlp": "relu2", "tie_embeddings": False}])
+def test_packed_scoring_with_model_options_matches_naive(examples, options):
+    """Packed rows restart positions per example: rotary angles must follow them as wpe does."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, **options)).eval()
+    assert_matches_naive(hellaswag.evaluate(model, examples, batch_size=8), naive_scores(model, examples))
