@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-# bytes of one chunk's fp32 logits: large enough that the matmuls stay efficient, small next to the
-# (N, V) logits of a training micro-batch (on CPU, small enough to stay warm in the last-level cache)
+# bytes of one chunk's fp32 logits: small next to the (N, V) logits of a large micro-batch, large enough that
+# the matmuls stay efficient and the (V, C) weight gradient is not re-read too often (it is accumulated once per
+# chunk). On a 2-core CPU, chunks of 128 rows cost 1.35x the plain path under bf16, 1024 rows 0.93x.
 CHUNK_BYTES = {"cuda": 1024 * 2**20, "cpu": 256 * 2**20}
 DEFAULT_CHUNK_BYTES = 128 * 2**20  # other accelerators (mps, xpu, ...)
 
@@ -113,8 +114,8 @@ def chunked_loss_no_grad(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The same mean loss when no gradient is wanted (evaluation): no gradient work at all."""
-    hc, wc = h.to(dtype), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
         total = sum(
             chunk_loss(hc[s : s + chunk_rows], wc, targets[s : s + chunk_rows], ignore_index, softcap, grad=False)[0]
             for s in range(0, h.size(0), chunk_rows)
