@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cpu_caps import cpu_has_native_bf16, matmul_peak_flops
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dense bf16 peak of one GPU, for MFU; matched against torch.cuda.get_device_name (H200 before H100)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -44,8 +46,8 @@ def pick_dtype(device: str, name: str = "auto") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if kind == "mps":
         return torch.float16
-    # on CPU bf16 only pays off for large matmuls and changes results: keep fp32 unless asked
-    return torch.float32
+    # bf16 autocast pays on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere it is emulated and slow
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -125,14 +127,17 @@ def any_rank(flag: bool, d: Dist) -> bool:
 # ----------------------------------------------------------------------------- speed
 
 
-def peak_flops(device: str, override: float = 0.0) -> float:
-    """Per-device dense bf16 peak for MFU: `override` when given, else from the GPU table (0 = unknown)."""
+def peak_flops(device: str, override: float = 0.0, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Per-device peak for MFU: `override` when given; on a GPU its dense bf16 peak from the table (0 = unknown);
+    on CPU the matmul rate measured once for the precision the matmuls run in."""
     if override > 0:
         return override
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
-    return 0.0  # CPU peaks vary too much to guess; give --peak_flops
+    if device == "cpu":
+        return matmul_peak_flops(dtype)
+    return 0.0
 
 
 def compile_unsupported(device_type: str) -> str:

@@ -508,7 +508,7 @@ class Trainer:
     def log(self, step: int, stats: dict) -> None:
         cfg, dt = self.cfg, stats["dt"]
         tok_per_s = cfg.total_batch_size / dt
-        peak = peak_flops(self.d.device, cfg.peak_flops)
+        peak = peak_flops(self.d.device, cfg.peak_flops, self.dtype)
         mfu = self.raw.flops_per_token(cfg.block_size) * tok_per_s / (peak * self.d.world_size) if peak else None
         mem = torch.cuda.max_memory_allocated(self.d.device) / 2**30 if self.d.device.startswith("cuda") else None
         self.metrics.log(step, train_loss=stats["train_loss"], lr=stats["lr"], grad_norm=stats["grad_norm"],

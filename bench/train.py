@@ -21,6 +21,7 @@ import torch
 
 import train_gpt2
 from bench.common import Row, best_of, format_table
+from cpu_caps import matmul_peak_flops
 from model import GPT, GPTConfig
 
 CHAR_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32)  # the preset's shapes
@@ -71,13 +72,6 @@ def transformers_tok_per_s(shape: dict, vocab_size: int, steps: int) -> float:
     step()
     step()
     return B * T / best_of(step, repeats=steps)
-
-
-def matmul_peak_flops(n: int = 2048) -> float:
-    """Best fp32 matmul rate of this CPU (all threads), the denominator of CPU MFU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    return 2 * n**3 / best_of(lambda: a @ b, repeats=5)
 
 
 def time_to_val(args: list[str], target: float) -> tuple[float | None, float, float]:
