@@ -99,7 +99,10 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits
 
 
-RopeAngles = tuple[torch.Tensor, torch.Tensor]  # cos, sin (T, head_size/2) of the positions being run
+# cos, sin of the positions being run: (T, head_size/2) shared by every row, or (B, 1, T, head_size/2) per row
+RopeAngles = tuple[torch.Tensor, torch.Tensor]
+# what a cache gives attention: all keys, all values, the boolean mask (True = attend) or None, and is_causal
+CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]
 
 
 class KVCache:
@@ -112,12 +115,45 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0  # positions filled so far (all layers)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values for `layer`; return all keys/values up to and including them."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
+        """Store this step's keys/values for `layer`; return all keys/values up to and including them, and how
+        the new queries attend to them."""
+        past, T = self.pos, k.size(2)
+        self.k[layer, :, :, past : past + T] = k
+        self.v[layer, :, :, past : past + T] = v
+        mask = None
+        if past > 0 and T > 1:  # new queries see the whole cached prefix plus the causal part of themselves
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=k.device).tril(diagonal=past)
+        # with nothing cached the new queries are causal among themselves; one new query sees every key
+        return self.k[layer, :, :, : past + T], self.v[layer, :, :, : past + T], mask, past == 0 and T > 1
+
+
+@dataclass
+class StaticKVCache:
+    """Keys and values in tensors of fixed shape (B, n_head, max_len, head_size), one per layer, written at the
+    given columns, with the mask saying which columns each query sees: the shapes never change, so a decode step
+    can be one CUDA graph (generate.py). Rows may be left-padded; the mask hides the padding."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    cols: torch.Tensor  # (T,) the columns this step's keys/values go to
+    mask: torch.Tensor | None  # (B, 1, T, width), True = attend; None: T > 1 queries fill [0, T) causally, one sees all
+    width: int  # attention reads columns [0, width)
+
+    @staticmethod
+    def allocate(config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> tuple[list, list]:
+        """Zeroed key and value tensors per layer: never-written columns are masked, but must not be NaN
+        (attention weight 0 times NaN is NaN)."""
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        return new(), new()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all[:, :, self.cols] = k.to(k_all.dtype)
+        v_all[:, :, self.cols] = v.to(v_all.dtype)
+        # without a mask, T > 1 new queries fill columns [0, T) causally; one new query sees every column
+        return k_all[:, :, : self.width], v_all[:, :, : self.width], self.mask, self.mask is None and k.size(2) > 1
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,7 +172,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         layer: int = 0,
         rope: RopeAngles | None = None,
         attn_mask: torch.Tensor | None = None,
@@ -151,14 +187,7 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),), eps=RMSNORM_EPS), F.rms_norm(k, (k.size(-1),), eps=RMSNORM_EPS)
         mask, is_causal = None, T > 1
         if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)
-            if past > 0 and T > 1:
-                # new queries see the whole cached prefix plus the causal part of themselves
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                is_causal = False
-            elif past > 0:
-                is_causal = False  # one new query attends to every cached key
+            k, v, mask, is_causal = kv_cache.update(layer, k, v)
         if attn_mask is not None:  # the caller's own pattern (e.g. several sequences packed in one row)
             mask, is_causal = attn_mask, False
         # flash attention where the backend has it
@@ -200,7 +229,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         layer: int = 0,
         rope: RopeAngles | None = None,
         attn_mask: torch.Tensor | None = None,
@@ -209,77 +238,31 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick the next token (B,) from last-position logits (B, V); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already cover top_p; the first always stays
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
 class LanguageModel(nn.Module):
     """What GPT and the bigram baseline share: sampling and the optimizer set-up."""
 
     config: GPTConfig
 
-    def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
+    def next_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Last-position logits (B, vocab) of `idx` (B, T), computed from the tokens alone (no cache)."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        eot: int | None = None,
-        vocab_size: int | None = None,
-        use_cache: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row (B,), `max_new_tokens` times or until every row has hit `eot`.
+    # Generation lives in generate.py (it imports this module, hence the imports inside): these are its entry points
 
-        `vocab_size` restricts sampling to the tokenizer's ids when the model's vocab is padded.
-        Rows that have finished keep yielding `eot`.
-        """
-        state: dict = {"use_cache": use_cache}
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = self.next_logits(idx, state)
-            if vocab_size is not None:
-                logits = logits[:, :vocab_size]
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eot is not None:
-                nxt = nxt.masked_fill(done, eot)
-                done |= nxt == eot
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            yield nxt
-            if eot is not None and bool(done.all()):
-                return
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (B,), `max_new_tokens` times or until every row has hit `eot`;
+        see `generate.generate_stream` for the sampling settings."""
+        from generate import generate_stream
+
+        yield from generate_stream(self, idx, max_new_tokens, **kwargs)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens; see `generate_stream`."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+        """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens; see `generate.generate_stream`."""
+        from generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
 
     def configure_optimizers(
         self,
@@ -384,6 +367,17 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, RopeAngles | None]:
+        """Token embeddings of `idx` (B, T) and what the positions `pos` add: learned position embeddings to them,
+        or the rotary angles for attention. `pos` is (T,) for every row alike, or (B, T) for rows of their own."""
+        x = self.transformer.wte(idx)
+        if self.config.pos == "learned":
+            return x + self.transformer.wpe(pos), None
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        if pos.dim() == 2:  # (B, T, hs/2) -> (B, 1, T, hs/2): the same angles for every head
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return x, (cos, sin)
+
     def hidden_states(
         self,
         idx: torch.Tensor,
@@ -405,13 +399,7 @@ class GPT(LanguageModel):
             )
         if positions is None:
             positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x, rope = self.transformer.wte(idx), None
-        if self.config.pos == "learned":
-            x = x + self.transformer.wpe(positions)
-        elif positions.dim() == 1:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
-        else:  # one row of positions per sequence: (B, 1, T, hs/2) broadcasts over the heads
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        x, rope = self.embed(idx, positions)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, i, rope, attn_mask)
@@ -440,21 +428,11 @@ class GPT(LanguageModel):
         """The output layer on hidden states (..., n_embd): lm_head, then the soft-cap when the config has one."""
         return soft_cap(self.lm_head(x), self.config.logit_softcap)
 
-    def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
-        """Last-position logits; with the KV cache only the new token is run through the model."""
-        T = idx.size(1)
-        if state["use_cache"] and T <= self.config.block_size:
-            cache = state.get("cache")
-            if cache is None:  # first call: room for the prompt and all it can grow to
-                cache = KVCache(self.config, idx.size(0), self.config.block_size, idx.device,
-                                self.lm_head.weight.dtype)
-                state["cache"] = cache
-            x = self.hidden_states(idx[:, cache.pos :], cache)
-        else:
-            # past block_size the absolute positions of every token shift: recompute the cropped window.
-            # With rope the window restarts at position 0, which changes nothing (attention sees only offsets):
-            # a sliding window of the last block_size tokens, without the cache.
-            x = self.hidden_states(idx[:, -self.config.block_size :])
+    def next_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Last-position logits of the last block_size tokens. Past block_size the absolute positions of every
+        token shift, so the cropped window is recomputed; with rope the window restarts at position 0, which changes
+        nothing (attention sees only offsets): a sliding window of the last block_size tokens either way."""
+        x = self.hidden_states(idx[:, -self.config.block_size :])
         return self.logits(x[:, -1, :])
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -562,7 +540,7 @@ class BigramLanguageModel(LanguageModel):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def next_logits(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
+    def next_logits(self, idx: torch.Tensor) -> torch.Tensor:
         return self.token_embedding_table(idx[:, -1])
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

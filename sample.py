@@ -1,9 +1,13 @@
-"""Sample text from OpenAI's GPT-2, a Hugging Face GPT-2 directory, or one of our checkpoints.
+r"""Sample text from OpenAI's GPT-2, a Hugging Face GPT-2 directory, or one of our checkpoints.
 
     python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 --max_new_tokens 64
     python sample.py --init out/shakespeare-char --prompt "ROMEO:"      # newest checkpoint of a run
+    python sample.py --init gpt2 --prompt_file prompts.txt --temperature 0 --max_new_tokens 32
 
-Text is printed as it is generated.
+Text is printed as it is generated. With --prompt_file every line of the file is a prompt; they are generated in
+batches of --batch_size, and output line i is the completion of input line i alone (no prompt, no header), with
+backslash, newline, carriage return and the other line breaks written as Python escapes (\\, \n, \r, \x0b,
+\u2028, ...) so that every completion stays on its line. An empty line is a prompt of <|endoftext|> alone.
 """
 
 from __future__ import annotations
@@ -13,14 +17,23 @@ import codecs
 import math
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 from addition import answer_problems
 from checkpoint import load_model
 from devices import autocast, pick_device, pick_dtype
+from errors import describe_os_error
+from generate import DECODE_PATHS, generate_batch
 from model import LanguageModel
 from tokenizer import Tokenizer
+
+DEFAULT_PROMPT = "Hello, I'm a language model,"
+DEFAULT_NUM_SAMPLES = 4
+# what str.splitlines breaks a line at; the backslash too, so that the escapes read back unambiguously
+LINE_ESCAPES = {ord(c): c.encode("unicode_escape").decode("ascii")
+                for c in "\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 def token_bytes(tokenizer: Tokenizer) -> Callable[[int], bytes]:
@@ -74,10 +87,77 @@ def sample(
         yield from stream_text(tokenizer, (int(t[0]) for t in stream if tokenizer.eot is None or t[0] != tokenizer.eot))
 
 
+def escape_line(text: str) -> str:
+    """`text` on one line: backslash and every line break (as str.splitlines sees them) as Python escapes."""
+    return text.translate(LINE_ESCAPES)
+
+
+def read_prompts(path: str, tokenizer: Tokenizer) -> list[list[int]]:
+    """The tokens of every line of `path` (split at \\n, a trailing \\r dropped); an empty line starts from
+    <|endoftext|>. A missing or empty file, or a line that does not encode, is a ValueError naming the line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(describe_os_error(e, "--prompt_file")) from None
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the newline that ends the last line starts no prompt
+        lines.pop()
+    if not lines:
+        raise ValueError(f"--prompt_file {path}: the file is empty; write one prompt per line")
+    prompts = []
+    for number, raw in enumerate(lines, start=1):
+        where = f"--prompt_file {path} line {number}"
+        try:
+            ids = tokenizer.encode(raw.removesuffix(b"\r").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") \
+                from None
+        except ValueError as e:  # a character outside a char-level vocabulary
+            raise ValueError(f"{where}: {e}") from None
+        if not ids and tokenizer.eot is None:
+            raise ValueError(f"{where}: the line is empty and this tokenizer has no end-of-text token to start "
+                             "from; remove the line")
+        prompts.append(ids or [tokenizer.eot])
+    return prompts
+
+
+def problem_lines(path: str, tokenizer: Tokenizer) -> list[str]:
+    """The problems of an addition run's --prompt_file, one per line, each checked (a ValueError naming the line)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt_file {path}: cannot read it ({e}); write one problem per line") from None
+    if not lines:
+        raise ValueError(f"--prompt_file {path}: the file is empty; write one problem per line")
+    for number, line in enumerate(lines, start=1):
+        try:
+            tokenizer.parse_problem(line)
+        except ValueError as e:
+            raise ValueError(f"--prompt_file {path} line {number}: {e}") from None
+    return lines
+
+
+def complete_lines(model: LanguageModel, tokenizer: Tokenizer, prompts: list[list[int]], batch_size: int,
+                   max_new_tokens: int, device: str, dtype: torch.dtype, **sampling) -> Iterator[str]:
+    """The completion of every prompt, in order, one escaped line each, generated `batch_size` prompts at a time."""
+    for start in range(0, len(prompts), batch_size):
+        with autocast(device, dtype):
+            rows = generate_batch(model, prompts[start : start + batch_size], max_new_tokens, eot=tokenizer.eot,
+                                  vocab_size=tokenizer.vocab_size, **sampling)
+        for new in rows:
+            yield escape_line(tokenizer.decode(new))
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse sampling settings that mean nothing (or silently sample from nothing) in one line naming the flag."""
+    if args.prompt_file is not None:
+        for flag, value in (("--prompt", args.prompt), ("--num_samples", args.num_samples)):
+            if value is not None:
+                sys.exit(f"error: {flag} does not go with --prompt_file (one completion per line of the file); "
+                         f"drop {flag}")
     rules = [
-        ("--num_samples", args.num_samples, args.num_samples >= 1, "at least 1"),
+        ("--num_samples", args.num_samples, args.num_samples is None or args.num_samples >= 1, "at least 1"),
+        ("--batch_size", args.batch_size, args.batch_size >= 1, "at least 1"),
         ("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 0, "0 or more"),
         ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
          "a finite number >= 0 (0 is greedy)"),
@@ -93,8 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="gpt2",
                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF dir, a checkpoint or a run dir")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num_samples", type=int, default=4)
+    p.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
+    p.add_argument("--num_samples", type=int, default=None, help=f"default: {DEFAULT_NUM_SAMPLES}")
+    p.add_argument("--prompt_file", default=None,
+                   help="a prompt per line; prints a completion per line, in order (see above)")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts generated at once with --prompt_file")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=50)
@@ -103,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--decode", default="auto", choices=DECODE_PATHS,
+                   help="auto: CUDA graphs on CUDA, eager elsewhere (see generate.py)")
     args = p.parse_args(argv)
     check_flags(args)
     try:
@@ -111,15 +196,23 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_model(args.init)
         model.to(device).eval()
         if tokenizer.name == "addition":  # a problem has one answer: greedy, in normal digit order
-            print(answer_problems(model, tokenizer, [args.prompt], device)[0], flush=True)
+            problems = problem_lines(args.prompt_file, tokenizer) if args.prompt_file else [args.prompt or ""]
+            print("\n".join(answer_problems(model, tokenizer, problems, device)), flush=True)
             return
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        for i in range(args.num_samples):
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                        use_cache=not args.no_cache, decode=args.decode)
+        if args.prompt_file is not None:
+            prompts = read_prompts(args.prompt_file, tokenizer)
+            for line in complete_lines(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, device,
+                                       dtype, **sampling):
+                print(line, flush=True)
+            return
+        for i in range(args.num_samples or DEFAULT_NUM_SAMPLES):
             print(f"--- sample {i} ---", flush=True)
-            pieces = sample(model, tokenizer, args.prompt, args.max_new_tokens, generator, device, dtype,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            use_cache=not args.no_cache)
-            for piece in pieces:
+            prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+            for piece in sample(model, tokenizer, prompt, args.max_new_tokens, device=device, dtype=dtype,
+                                **sampling):
                 print(piece, end="", flush=True)
             print(flush=True)
     except ValueError as e:  # includes CheckpointError and unknown prompt characters

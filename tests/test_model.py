@@ -7,7 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from checkpoint import load_model
-from model import GPT, BigramLanguageModel, GPTConfig, sample_next
+from generate import sample_next
+from model import GPT, BigramLanguageModel, GPTConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

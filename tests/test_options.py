@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import model_checkpoint_fields, model_from_checkpoint
+from generate import Decoder
 from model import (
     GPT,
     RMSNORM_EPS,
@@ -138,10 +139,10 @@ def test_softcap_bounds_logits_and_the_loss_uses_them():
     assert logits.abs().max() <= 0.05 and raw.abs().max() > 0.1  # tanh rounds to 1 in float32
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()))
     # sampling sees the capped logits too (greedy decoding could not tell: tanh keeps the order)
-    for use_cache in (True, False):
-        with torch.no_grad():
-            last = capped.next_logits(idx[:, :-1], {"use_cache": use_cache})
-        torch.testing.assert_close(last, logits[:, -1], atol=1e-6, rtol=0)
+    decoder = Decoder(capped, 2, 16, torch.float32, "eager")
+    with torch.no_grad():
+        for last in (capped.next_logits(idx[:, :-1]), decoder.prefill(idx[:, :-1], None)):
+            torch.testing.assert_close(last, logits[:, -1], atol=1e-6, rtol=0)
 
 
 def test_zero_init_starts_every_block_as_identity():

@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from checkpoint import from_checkpoint, model_checkpoint_fields, save_checkpoint
 from model import GPT, GPTConfig
-from sample import main, stream_text
+from sample import escape_line, main, stream_text
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +141,90 @@ def test_sample_cli_errors_are_one_line(char_ckpt, tmp_path):
                            cwd=ROOT, env=env)
         assert r.returncode != 0
         assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def greedy_completion(model, tok, line: str, n: int) -> str:
+    """Reference: one line alone, recomputed from scratch at every token."""
+    ids = tok.encode(line)
+    out = model.generate(torch.tensor([ids]), n, temperature=0, use_cache=False)[0, len(ids) :].tolist()
+    return tok.decode(out)
+
+
+def test_prompt_file_prints_one_completion_per_line_in_order(char_ckpt, tmp_path, capsys):
+    lines = ["abc", "ROMEO:", "h", "dead beef face", "ab\r", "gg ROMEO: ab cd ef"]  # 1 to 18 characters
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\n".join(lines).encode())  # no newline after the last line
+    main(["--init", str(char_ckpt), "--prompt_file", str(prompts), "--batch_size", "4", "--max_new_tokens", "12",
+          "--temperature", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    model, tok = from_checkpoint(char_ckpt)
+    model.eval()
+    want = [escape_line(greedy_completion(model, tok, line.removesuffix("\r"), 12)) for line in lines]
+    assert out.split("\n") == want + [""]  # one line each, in order, and nothing else
+
+
+def test_prompt_file_completions_with_newlines_stay_on_their_line(tmp_path, capsys):
+    tok = get_tokenizer("char", text="abc\n")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():  # the final norm outputs a constant that points at "\n"'s embedding: always "\n"
+        nl = tok.encode("\n")[0]
+        model.transformer.wte.weight[nl] *= 10
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[nl])
+    path = tmp_path / "nl.pt"
+    save_checkpoint({**model_checkpoint_fields(model, tok), "step": 1}, path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nbb\nc\n")
+    main(["--init", str(path), "--prompt_file", str(prompts), "--max_new_tokens", "3", "--temperature", "0",
+          "--device", "cpu"])
+    assert capsys.readouterr().out == "\\n\\n\\n\n" * 3
+
+
+def test_escape_line_keeps_every_completion_on_one_line():
+    text = "a\\b\nc\r\nd\x0be\x0cf\x1cg\x85h\u2028i\u2029j\tk é 🙂"
+    escaped = escape_line(text)
+    assert escaped.splitlines() == [escaped]
+    assert escaped == "a\\\\b\\nc\\r\\nd\\x0be\\x0cf\\x1cg\\x85h\\u2028i\\u2029j\tk é 🙂"
+    simple = {"\\": "\\", "n": "\n", "r": "\r"}
+    unescape = lambda m: simple.get(m.group(1)) or chr(int(m.group(1)[1:], 16))
+    assert re.sub(r"\\(\\|n|r|x[0-9a-f]{2}|u[0-9a-f]{4})", unescape, escaped) == text  # reads back
+
+
+def test_prompt_file_errors_name_the_file_and_line(char_ckpt, tmp_path, capsys):
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(["--init", str(char_ckpt), "--device", "cpu", "--max_new_tokens", "2", *args])
+        return str(e.value.code)
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("abc\nROMEO:\nab xyz\n")
+    assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 3: character 'x'")
+    bad.write_bytes(b"abc\n\xff\xfe\n")
+    assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 2: not UTF-8")
+    bad.write_text("abc\n\nab\n")  # the char tokenizer has no <|endoftext|> to start an empty line from
+    assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 2: the line is empty")
+    bad.write_text("")
+    assert "the file is empty" in error("--prompt_file", str(bad))
+    assert str(tmp_path / "missing.txt") in error("--prompt_file", str(tmp_path / "missing.txt"))
+    bad.write_text("abc\n")
+    assert "--prompt does not go with --prompt_file" in error("--prompt_file", str(bad), "--prompt", "ab")
+    assert "--num_samples does not go with" in error("--prompt_file", str(bad), "--num_samples", "2")
+    assert "--batch_size 0 is out of range" in error("--prompt_file", str(bad), "--batch_size", "0")
+    assert capsys.readouterr().out == ""
+
+
+def test_prompt_file_empty_line_starts_from_endoftext(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n\nworld, again\n")
+    main(["--init", str(tmp_path / "hf"), "--prompt_file", str(prompts), "--max_new_tokens", "6", "--temperature",
+          "0", "--device", "cpu"])
+    out = capsys.readouterr().out.split("\n")
+    model, tok = GPT.from_pretrained(str(tmp_path / "hf")).eval(), get_tokenizer("gpt2")
+    want = [model.generate(torch.tensor([ids]), 6, temperature=0, use_cache=False, eot=tok.eot)[0, len(ids) :]
+            for ids in (tok.encode("Hello"), [tok.eot], tok.encode("world, again"))]
+    assert out == [escape_line(tok.decode([t for t in w.tolist() if t != tok.eot])) for w in want] + [""]
