@@ -320,8 +320,9 @@ def generate_samples(model: LanguageModel, tokenizer: Tokenizer, cfg: TrainConfi
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=d.device)
     was_training = model.training
     model.eval()
+    # the CUDA-graph decode step compiles once (tens of seconds): only where the run compiles anyway
     out = model.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen, eot=tokenizer.eot,
-                         vocab_size=tokenizer.vocab_size)
+                         vocab_size=tokenizer.vocab_size, decode="auto" if cfg.compile else "eager")
     model.train(was_training)
     return [tokenizer.decode(row.tolist()) for row in out]
 
