@@ -567,8 +567,8 @@ def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: 
         cfg = dataclasses.replace(cfg, batch_size=trained or cfg.batch_size or preset_batch_size(cfg.preset))
     hint = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt and cfg.data != "char" else None
     tokenizer, train_loader, val_loader = build_data(cfg, d, hint)
-    check_sample_prompt(cfg, tokenizer)
     raw = restore_model(cfg, ckpt, resume_path, tokenizer) if ckpt else build_model(cfg, tokenizer)
+    check_sample_prompt(cfg, tokenizer)  # after the vocabulary check: a changed text is the cause to name
     if cfg.block_size > raw.config.block_size:
         raise ConfigError(f"--block_size {cfg.block_size} is above the model's context {raw.config.block_size}; "
                           "lower it")
@@ -672,7 +672,12 @@ def loop(t: Trainer, start_step: int, resumed: bool) -> dict:
 def eval_only(cfg: TrainConfig, d: Dist) -> dict:
     """Val loss (and HellaSwag when its data is present) of `--init` on this config's data."""
     model, tokenizer = load_model(cfg.init)
-    cfg = dataclasses.replace(cfg, block_size=min(cfg.block_size, model.config.block_size))
+    if cfg.data == "shards" and tokenizer.name != "gpt2":
+        raise ConfigError(f"--eval_only: {cfg.init} uses the {tokenizer.name} tokenizer, but the shards in "
+                          f"{cfg.data_dir} hold GPT-2 tokens; evaluate it on its own text with --data {tokenizer.name}"
+                          " --text_path FILE")
+    cfg = dataclasses.replace(cfg, block_size=min(cfg.block_size, model.config.block_size),
+                              vocab_size=model.config.vocab_size)
     _, _, val_loader = build_data(cfg, d, tokenizer)
     dtype = pick_dtype(d.device, cfg.dtype)
     model.to(d.device)

@@ -273,3 +273,22 @@ def test_second_sigterm_exits_quietly(text, tmp_path):
     assert proc.returncode in (0, 1), err
     assert list_checkpoints(out) or "interrupted" in err
 
+
+
+def test_eval_only_of_a_char_model_on_gpt2_shards(text, tmp_path):
+    train_gpt2.main(args(text, tmp_path / "run", "--max_steps", "2"))
+    d = tmp_path / "shards"
+    d.mkdir()
+    for name in ("x_val_000000.npy", "x_train_000001.npy"):
+        np.save(d / name, np.arange(4000, dtype=np.uint16))
+    one_line_error(args(text, tmp_path / "unused", "--eval_only", "--init", str(tmp_path / "run"), "--data",
+                        "shards", "--data_dir", str(d)), "char tokenizer", "GPT-2 tokens")
+
+
+def test_resume_on_another_text_names_the_vocabulary_not_the_prompt(text, tmp_path):
+    out = tmp_path / "run"
+    train_gpt2.main(args(text, out, "--max_steps", "2"))
+    other = tmp_path / "other.txt"
+    other.write_text("xyz xyz zzz yyy\\n" * 400)
+    msg = one_line_error(args(other, out, "--max_steps", "4", "--resume", "auto"), "vocabulary")
+    assert "--sample_prompt" not in msg
