@@ -52,7 +52,8 @@ def cpu_has_native_bf16() -> bool:
     if not bf16_in_hardware():
         return False
     n = 512
-    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # a generator of its own: training's RNG stream stays untouched
+    a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     fp32 = best_seconds(lambda: a32 @ b32, 1)  # warm-up of both kernels
     bf16 = best_seconds(lambda: a16 @ b16, 1)
@@ -70,7 +71,8 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, budget_
     The denominator of MFU on CPU, for the precision the matmuls actually run in; measured once per dtype.
     Other work on the machine only lowers it (so MFU reads high then).
     """
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # a generator of its own: training's RNG stream stays untouched
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     start = time.perf_counter()
     a @ b  # warm-up: thread pool, kernel selection
     best = best_seconds(lambda: a @ b, 1)

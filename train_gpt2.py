@@ -305,7 +305,8 @@ def evaluate_hellaswag(model: LanguageModel, examples: list[dict], tokenizer: To
 
     was_training = model.training
     model.eval()
-    result = hellaswag.evaluate(model, examples, tokenizer=tokenizer, batch_size=max(1, cfg.batch_size // 4),
+    # as many tokens per forward as one training micro-batch, which is known to fit
+    result = hellaswag.evaluate(model, examples, tokenizer=tokenizer, batch_tokens=cfg.batch_size * cfg.block_size,
                                 device=d.device, dtype=dtype, rank=d.rank, world_size=d.world_size)
     model.train(was_training)
     return result

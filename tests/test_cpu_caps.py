@@ -41,3 +41,12 @@ def test_matmul_peak_is_a_rate_and_cached():
     peak = cpu_caps.matmul_peak_flops(torch.float32, n=128)
     assert 1e6 < peak < 1e15
     assert cpu_caps.matmul_peak_flops(torch.float32, n=128) == peak  # measured once
+
+
+def test_measurements_leave_the_global_rng_alone():
+    import cpu_caps
+
+    state = torch.get_rng_state()
+    cpu_caps.matmul_peak_flops.__wrapped__(torch.float32, 64, 0.0)
+    cpu_caps.cpu_has_native_bf16.__wrapped__()
+    assert torch.equal(torch.get_rng_state(), state)  # training's dropout stream must not depend on them
