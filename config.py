@@ -142,11 +142,11 @@ CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_
 
 SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
 PRESETS: dict[str, dict] = {
-    # nanoGPT's CPU model (4 x 128, context 64) at batch 32 with the two winners of `python -m bench ablate`
-    # (the other options were within the seeds' spread): rotary positions, and Muon (lr 0.04) for the blocks'
-    # matrices with AdamW at 4x nanoGPT's LR for the rest. Val loss 1.835 after 200 steps (410k tokens; the
-    # recipe needs 2000 steps, 1.5M tokens, for 1.887), 1.705 at step 300. Rotary positions make it not GPT-2's
-    # architecture: export_hf refuses it. With learned positions and AdamW it needed 600 steps for 1.859.
+    # nanoGPT's CPU model (4 x 128, context 64) at batch 32 with the two large winners of `python -m bench ablate`:
+    # rotary positions and Muon (lr 0.04) for the blocks' matrices, AdamW at 4x nanoGPT's LR for the rest (relu²
+    # and an untied head, small winners there, made this 300-step run worse). Val loss 1.835 after 200 steps
+    # (410k tokens; nanoGPT's recipe needs 2000 steps, 1.5M tokens, for 1.887), 1.705 at step 300. Not GPT-2's
+    # architecture (export_hf refuses it); with learned positions and AdamW it needed 600 steps for 1.859.
     "shakespeare-char": SHAKESPEARE | dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, total_batch_size=2048, max_steps=300,
         max_lr=4e-3, min_lr=4e-4, warmup_steps=30, weight_decay=0.1, beta2=0.99, pos="rope", optimizer="muon",

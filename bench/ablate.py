@@ -188,9 +188,10 @@ def rows_for(b: Budget, name: str, runs: list[Result], baseline: list[Result]) -
     reached = tokens_to(mean_curve(runs), base)
     combined = name.startswith(WINNERS)
     prefix = f"{b.name}, {name}"
+    seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
     return [
-        Row("ablate", f"{prefix}: final val loss (mean; {len(runs)} seeds {min(finals):.3f}-{max(finals):.3f})",
-            mean, "val loss", BASELINE, mean / base, "< 1.0" if combined else ""),
+        Row("ablate", f"{prefix}: final val loss (mean; {seeds} {min(finals):.3f}-{max(finals):.3f})", mean,
+            "val loss", BASELINE, mean / base, "< 1.0" if combined else ""),
         Row("ablate", f"{prefix}: tokens to the baseline's {base:.3f}" + ("" if reached else " (not reached)"),
             float("nan") if reached is None else reached, "tokens", f"budget {budget:,}",
             None if reached is None else reached / budget, "<= 0.6" if combined else ""),
