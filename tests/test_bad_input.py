@@ -35,10 +35,11 @@ train_gpt2 = pytest.importorskip("train_gpt2")
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "ROMEO: to be or not to be, that is the question.\nJULIET: hello world, good night!\n" * 60
+# GPT-2's architecture (the export cases need it) and AdamW, whatever the preset turns on
 TINY = ["--preset", "shakespeare-char", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
         "--batch_size", "2", "--total_batch_size", "32", "--eval_iters", "1", "--eval_interval", "2",
         "--ckpt_interval", "2", "--keep_last", "0", "--sample_tokens", "4", "--device", "cpu", "--dtype", "float32",
-        "--compile", "false"]
+        "--compile", "false", "--pos", "learned", "--optimizer", "adamw"]
 
 
 @pytest.fixture(scope="module")

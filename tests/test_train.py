@@ -263,7 +263,8 @@ def test_modern_options_and_muon_resume_exactly(small_text, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     with pytest.raises(SystemExit, match="--optimizer muon"):  # the optimizer state belongs to its optimizer
-        train_gpt2.main(tiny(small_text, out, *args[:-4], "--max_steps", "9", "--resume", "auto"))
+        train_gpt2.main(tiny(small_text, out, *args[:-4], "--optimizer", "adamw", "--max_steps", "9", "--resume",
+                             "auto"))
 
 
 def test_target_val_loss_records_when_and_stops(small_text, tmp_path):
