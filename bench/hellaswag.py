@@ -4,7 +4,11 @@ rows of context + ending, full logits), on the same examples, with the same resu
 
     python -m bench.hellaswag [--quick]
 
-Runs on CUDA (bf16 autocast, as in training) when there is a GPU, else on the CPU in fp32. The examples are
+Runs on CUDA when there is a GPU, else on the CPU, both scorers in the precision `--dtype auto` picks for
+training there (bf16 autocast on a GPU and on a CPU with native bf16, fp32 elsewhere; build-nanogpt scores
+HellaSwag under bf16 autocast during training on any device); on CPU the full run adds the fp32 pair. Both
+scorers are GEMM-bound on CPU, so their ratio is close to the ratio of their FLOPs: the packed scorer runs the
+body once per context and the output layer only where an ending token is predicted. The examples are
 synthetic, in the dataset's format: a context of 2-6 consecutive lines of `input.txt` and endings of 1-3 lines
 each (about 42 and 21 tokens; the real val split averages about 40 and 25), so nothing is downloaded.
 """
@@ -20,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from bench.common import Row, format_table
-from devices import autocast
+from devices import autocast, pick_dtype
 from hellaswag import DEFAULT_BATCH_TOKENS, encode_example, evaluate, render_example
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
@@ -105,44 +109,58 @@ def check_same(new: list[dict], ref: list, tol: float) -> int:
     return ties
 
 
+def packed_vs_one_per_forward(model: GPT, examples: list[dict], tokenizer, device: str, dtype: torch.dtype,
+                              chunk: int, batch_tokens: int, goal: str) -> list[Row]:
+    """The two rows of one side-by-side timing in one precision, the results checked against each other."""
+    n = len(examples)
+    where = f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu"
+    where += ", " + str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+    evaluate(model, examples[:4], tokenizer, device=device, dtype=dtype)  # warm-up: first-call allocations
+    one_example_per_forward(model, examples[:2], tokenizer, device, dtype)
+    t_new, t_ref, new, ref = side_by_side(model, examples, tokenizer, chunk, device, dtype,
+                                          batch_tokens=batch_tokens)
+    ties = check_same(new, ref, tol=1e-6 if dtype == torch.float32 else 2e-2)
+    encoded = [encode_example(ex, tokenizer) for ex in examples]
+    ctx_len = sum(len(ctx) for ctx, _ in encoded) / n
+    ending_len = sum(len(e) for _, ends in encoded for e in ends) / (4 * n)
+    case = f"124M {where}, {n} examples, context {ctx_len:.0f} + ending {ending_len:.0f} tokens"
+    note = f"; {ties} of {2 * n} predictions differ, at near-ties" if ties else ""
+    return [
+        Row("hellaswag", f"evaluate, packed, batch_tokens {batch_tokens} ({case}){note}", n / t_new, "examples/s",
+            "one example per forward", t_ref / t_new, goal),
+        Row("hellaswag", f"one example per forward, full logits ({where})", n / t_ref, "examples/s"),
+    ]
+
+
+def compiled_row(model: GPT, examples: list[dict], tokenizer, device: str, dtype: torch.dtype,
+                 batch_tokens: int, reference: Row) -> Row:
+    kwargs = dict(device=device, dtype=dtype, batch_tokens=batch_tokens, compile=True)
+    evaluate(model, examples, tokenizer, **kwargs)  # compiles (for every batch shape)
+    _sync(device)
+    t0 = time.perf_counter()
+    evaluate(model, examples, tokenizer, **kwargs)
+    _sync(device)
+    rate = len(examples) / (time.perf_counter() - t0)
+    return Row("hellaswag", "evaluate, packed, compiled (same device and precision)", rate, "examples/s",
+               "one example per forward", rate / reference.figure)
+
+
 def run(quick: bool = False) -> list[Row]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    where = f"cuda ({torch.cuda.get_device_name(0)}), bf16" if device == "cuda" else "cpu, fp32"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = pick_dtype(device)
     n = (32 if quick else 192) * (16 if device == "cuda" else 1)
     tokenizer = get_tokenizer("gpt2")
     examples = synthetic_examples(n)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()  # the 124M config
-    encoded = [encode_example(ex, tokenizer) for ex in examples]
-    ctx_len = sum(len(ctx) for ctx, _ in encoded) / n
-    ending_len = sum(len(e) for _, ends in encoded for e in ends) / (4 * n)
     batch_tokens = DEFAULT_BATCH_TOKENS * (8 if device == "cuda" else 1)
-
-    evaluate(model, examples[:4], tokenizer, device=device, dtype=dtype)  # warm-up: first-call allocations
-    one_example_per_forward(model, examples[:2], tokenizer, device, dtype)
     chunk = n if quick else n // 4
-    t_new, t_ref, new, ref = side_by_side(model, examples, tokenizer, chunk, device, dtype,
-                                          batch_tokens=batch_tokens)
-    ties = check_same(new, ref, tol=1e-6 if dtype == torch.float32 else 2e-2)
-
-    case = f"124M {where}, {n} examples, context {ctx_len:.0f} + ending {ending_len:.0f} tokens"
-    note = f"; {ties} of {2 * n} predictions differ, at near-ties" if ties else ""
-    rows = [
-        Row("hellaswag", f"evaluate, packed, batch_tokens {batch_tokens} ({case}){note}", n / t_new, "examples/s",
-            "one example per forward", t_ref / t_new, ">= 3" if device == "cpu" else ">= 1,000 examples/s"),
-        Row("hellaswag", f"one example per forward, full logits ({where})", n / t_ref, "examples/s"),
-    ]
+    goal = ">= 3" if device == "cpu" else ">= 1,000 examples/s"
+    rows = packed_vs_one_per_forward(model, examples, tokenizer, device, dtype, chunk, batch_tokens, goal)
     if device == "cuda" and not quick:  # compiling pays on a GPU over a long run; on 2 CPU cores it does not
-        kwargs = dict(device=device, dtype=dtype, batch_tokens=batch_tokens, compile=True)
-        evaluate(model, examples, tokenizer, **kwargs)  # compiles (for every batch shape)
-        _sync(device)
-        t0 = time.perf_counter()
-        evaluate(model, examples, tokenizer, **kwargs)
-        _sync(device)
-        t_compiled = time.perf_counter() - t0
-        rows.insert(1, Row("hellaswag", f"evaluate, packed, compiled ({where})", n / t_compiled, "examples/s",
-                           "one example per forward", t_ref / t_compiled))
+        rows.insert(1, compiled_row(model, examples, tokenizer, device, dtype, batch_tokens, rows[1]))
+    if device == "cpu" and dtype != torch.float32 and not quick:
+        rows += packed_vs_one_per_forward(model, examples, tokenizer, device, torch.float32, chunk, batch_tokens, "")
     return rows
 
 
