@@ -98,6 +98,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (autocast precision)
     compile: bool = True  # torch.compile the training forward/backward
+    fp8: bool = False  # FP8 matmuls (torchao) for the blocks' linear layers >= FP8_MIN_WIDTH wide; FP8 GPUs only
 
 
 INF = math.inf

@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 from cpu_caps import cpu_has_native_bf16, matmul_peak_flops
+from tokenizer import cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_MIN_WIDTH = 1024  # narrower matmuls lose more to FP8's scaling and casts than they gain
 # dense bf16 peak of one GPU, for MFU; matched against torch.cuda.get_device_name (H200 before H100)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -147,3 +149,49 @@ def compile_unsupported(device_type: str) -> str:
     if device_type == "mps":
         return "torch.compile on MPS is experimental"
     return ""
+
+
+def use_compile_cache() -> str:
+    """Keep inductor's on-disk caches (compiled graphs, AOTAutograd) in the project's cache dir, so that a
+    restarted run compiles from them even after a reboot cleared /tmp; a TORCHINDUCTOR_CACHE_DIR set by the user
+    wins. The cache is never read from a run directory: its entries are code that gets executed."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+# ----------------------------------------------------------------------------- FP8
+
+
+def fp8_unsupported(device: str) -> str:
+    """Why `--fp8` cannot run here ("" when it can): it needs FP8 tensor cores (compute capability 8.9+:
+    Ada, Hopper, Blackwell) and torchao."""
+    if not device.startswith("cuda"):
+        return f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or later); this run is on {device}"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return (f"--fp8 needs FP8 tensor cores (compute capability 8.9+); {torch.cuda.get_device_name(device)} "
+                f"has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}; drop --fp8")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "--fp8 needs torchao: pip install torchao (or pip install -e '.[fp8]')"
+    return ""
+
+
+def fp8_layers(model: torch.nn.Module, min_width: int = FP8_MIN_WIDTH) -> list[str]:
+    """The linear layers FP8 pays for: both widths >= min_width and multiples of 16 (FP8 GEMMs need it), the
+    output layer excluded (the chunked loss multiplies by its weight directly, and its logits want precision)."""
+    return [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and name != "lm_head"
+            and min(m.in_features, m.out_features) >= min_width and m.in_features % 16 == m.out_features % 16 == 0]
+
+
+def convert_to_fp8(model: torch.nn.Module, min_width: int = FP8_MIN_WIDTH) -> list[str]:
+    """Swap `fp8_layers` for torchao's Float8Linear in place (dynamic tensorwise scaling; weights, names and
+    checkpoints unchanged) and return their names; ValueError when none is wide enough."""
+    names = fp8_layers(model, min_width)
+    if not names:
+        raise ValueError(f"--fp8: no linear layer is {min_width} or more wide in both dimensions; FP8 pays from "
+                         f"gpt2-350m (n_embd 1024) up: drop --fp8")
+    from torchao.float8 import convert_to_float8_training
+    chosen = set(names)
+    convert_to_float8_training(model, module_filter_fn=lambda _, fqn: fqn in chosen)
+    return names

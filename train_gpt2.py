@@ -68,11 +68,14 @@ from devices import (
     any_rank,
     autocast,
     compile_unsupported,
+    convert_to_fp8,
+    fp8_unsupported,
     min_over_ranks,
     peak_flops,
     pick_dtype,
     setup_distributed,
     teardown_distributed,
+    use_compile_cache,
 )
 from errors import one_line_errors
 from model import MODEL_TYPES, GPTConfig, LanguageModel
@@ -542,6 +545,12 @@ def wrap_model(model: LanguageModel, cfg: TrainConfig, d: Dist) -> tuple[torch.n
     compiled = cfg.compile and not compile_unsupported(device_type)
     if cfg.compile and not compiled and d.master:
         print(f"compile: off, {compile_unsupported(device_type)}")
+    if cfg.fp8:
+        layers = convert_to_fp8(model)
+        if d.master:
+            print(f"fp8: {len(layers)} linear layers run their matmuls in FP8 (torchao, tensorwise scaling)")
+    if compiled and d.master:
+        print(f"compile: caches in {use_compile_cache()} (a restarted run reuses them)")
     wrapped: torch.nn.Module = torch.compile(model) if compiled else model
     if d.ddp:
         wrapped = DDP(wrapped, device_ids=[d.local_rank] if device_type == "cuda" else None)
@@ -591,6 +600,8 @@ def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
     """Restore or build everything a run needs; returns the trainer, the first step and the resumed file."""
     if not auto_batch(cfg, d.device):
         grad_accum_steps(cfg, d.world_size)  # a batch that cannot make the total is refused before anything runs
+    if cfg.fp8 and fp8_unsupported(d.device):
+        raise ValueError(fp8_unsupported(d.device))
     seed_everything(cfg.seed, d.device)
     dtype = pick_dtype(d.device, cfg.dtype)
     resume_path, ckpt = find_resume(cfg, d)

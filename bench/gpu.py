@@ -7,6 +7,7 @@ CUDA it prints one "skipped" row.
 
 Every case runs full optimizer steps of 524,288 tokens on random uint16 shards (so losses mean nothing; speed is
 real) and reports tokens/s, MFU (of the GPU's dense bf16 peak), peak memory, and the first step's time (compile).
+Where the GPU has FP8 tensor cores and torchao is installed, each larger preset runs again with `--fp8`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Row, format_table
-from devices import peak_flops
+from devices import fp8_unsupported, peak_flops
 
 STEP_TOKENS = 524288
 
@@ -108,15 +109,15 @@ def reference(steps: int, B: int, compile: bool) -> dict:
     return result
 
 
-def rows_for(name: str, r: dict, vs: dict | None, goal: str = "") -> list[Row]:
+def rows_for(name: str, r: dict, vs: dict | None, goal: str = "", vs_name: str = "reference") -> list[Row]:
     ratio = r["tok_per_s"] / vs["tok_per_s"] if vs else None
     mem_ratio = r["peak_gib"] / vs["peak_gib"] if vs else None
     mfu = 100 * r["mfu"] if r.get("mfu") else math.nan
     return [
-        Row("gpu", f"{name} (B={r['batch_size']}): tokens/s", r["tok_per_s"], "tok/s", "reference" if vs else "",
+        Row("gpu", f"{name} (B={r['batch_size']}): tokens/s", r["tok_per_s"], "tok/s", vs_name if vs else "",
             ratio, goal),
         Row("gpu", f"{name}: MFU", mfu, "%"),
-        Row("gpu", f"{name}: peak memory", r["peak_gib"], "GiB", "reference" if vs else "", mem_ratio,
+        Row("gpu", f"{name}: peak memory", r["peak_gib"], "GiB", vs_name if vs else "", mem_ratio,
             "<= 0.7" if goal else ""),
         Row("gpu", f"{name}: first step (compile)", r["first_s"], "s"),
     ]
@@ -153,6 +154,10 @@ def run(quick: bool = False, sizes: bool = True) -> list[Row]:
             mine = guarded(ours, preset, data, 4, [])
             if mine is not None:
                 rows += rows_for(f"ours {preset} compiled, {name}", mine, None, "")
+            # FP8 matmuls for the blocks' matrices (>= 1024 wide), where the GPU and torchao allow
+            fp8 = None if fp8_unsupported("cuda") else guarded(ours, preset, data, 4, ["--fp8", "true"])
+            if fp8 is not None:
+                rows += rows_for(f"ours {preset} compiled --fp8, {name}", fp8, mine, "", "same, bf16")
     return rows
 
 
