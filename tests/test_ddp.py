@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo): 2 ranks with accumulation train exactly like 1 process with the same total batch."""
+"""DDP on CPU (gloo): 2 ranks with accumulation train exactly like 1 process with the same total batch, for
+GPT-2 trained by AdamW and for rotary positions trained by Muon (the shakespeare-char preset's choice)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def assert_same_weights(a: Path, b: Path, tol: float = 1e-5) -> None:
         torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0, msg=k)
 
 
-def test_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("options", [("--pos", "learned", "--optimizer", "adamw"),
+                                     ("--pos", "rope", "--optimizer", "muon")], ids=["gpt2-adamw", "rope-muon"])
+def test_two_ranks_equal_one_process(tmp_path, options):
     text = tmp_path / "small.txt"
     text.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:30000])
     # total batch 512 = 2 ranks x 2 micro-steps x 4 x 32 = 1 process x 4 micro-steps x 4 x 32
@@ -39,7 +42,7 @@ def test_two_ranks_equal_one_process(tmp_path):
             "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--total_batch_size", "512",
             "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "2", "--ckpt_interval", "2", "--keep_last",
             "0", "--dtype", "float32", "--compile", "false", "--device", "cpu", "--dropout", "0.0",
-            "--num_samples", "0", "--log_interval", "1"]
+            "--num_samples", "0", "--log_interval", "1", *options]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_gpt2.py"), *args, "--out_dir", str(ddp_out)]
