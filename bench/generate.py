@@ -3,7 +3,8 @@ against `transformers` `generate` on the same weights, with tokens asserted iden
 
 Rows: ours with the KV cache (on CUDA the static cache with the decode step as a CUDA graph; on CPU the same static
 cache, eager: the fastest path there), on CUDA also that step eager, ours without the cache, `transformers`, and on
-CUDA a batch of 32 prompts of mixed lengths (tok/s in all rows together), each row checked against its batch-1 output.
+CUDA a batch of 32 prompts of mixed lengths (tok/s in all rows together), each row checked against its batch-1 output;
+on a CPU where `--dtype auto` picks bf16 (sample.py's default), ours and `transformers` under that autocast.
 
     python -m bench generate [--quick]
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import Row, format_table
+from devices import pick_dtype
 from generate import generate_batch
 from model import GPT
 
@@ -81,6 +83,22 @@ def batch_row(model: GPT, device: str, new_tokens: int, tps_single: float, label
     return Row("generate", case, tps, "tok/s", "ours, batch 1", tps / tps_single)
 
 
+def half_precision_rows(ours: GPT, hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, label: str,
+                        dtype: torch.dtype) -> list[Row]:
+    """On a CPU where `--dtype auto` (sample.py's default) picks a half precision: ours under that autocast
+    (decoding reads half-precision copies of the weights) against `transformers` under the same autocast."""
+    name = str(dtype).removeprefix("torch.")
+    with torch.autocast("cpu", dtype):
+        warm_up(ours, prompt, new_tokens)
+        _, tps = timed(lambda: ours.generate(prompt, new_tokens, temperature=0), "cpu", new_tokens)
+        _, tps_hf = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                              use_cache=True, pad_token_id=0), "cpu", new_tokens)
+    return [Row("generate", f"[{label}] ours, KV cache, {name} autocast (sample.py's default here)", tps, "tok/s",
+                f"transformers generate, {name} autocast", tps / tps_hf, ">= 1.0"),
+            Row("generate", f"[{label}] transformers generate, {name} autocast", tps_hf, "tok/s")]
+
+
 def run(quick: bool = False) -> list[Row]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -129,6 +147,9 @@ def run(quick: bool = False) -> list[Row]:
             ">= 5"),
         Row("generate", f"[{label}] transformers generate, KV cache", tps_hf, "tok/s"),
     ]
+    half = pick_dtype(device)
+    if not cuda and half != torch.float32:
+        rows += half_precision_rows(ours, hf, prompt, new_tokens, label, half)
     return rows + batch
 
 

@@ -192,3 +192,31 @@ def test_compiled_step_equals_recomputation(monkeypatch):
     assert generate._compile_failure == ""
     (decoder,) = model.__dict__["_decoders"].values()
     assert decoder.compiled is not None and counters["stats"]["unique_graphs"] == 1
+
+
+def naive_greedy_autocast(model: GPT, prompt: list[int], n: int) -> list[int]:
+    with torch.autocast("cpu", torch.bfloat16):
+        return naive_greedy(model, prompt, n)
+
+
+# no soft-cap here: capped to +-2, bf16 logits tie too often for greedy paths of other shapes to agree
+@pytest.mark.parametrize("options", [{}, dict(pos="rope", tie_embeddings=False, bias=False)], ids=["gpt2", "untied"])
+def test_half_twin_computes_autocast_bit_for_bit_and_follows_weight_updates(options):
+    model = tiny(**options)
+    keys = list(model.state_dict())
+    idx = torch.tensor([PROMPTS[1]])
+    twin = generate.build_half_twin(model, torch.bfloat16)
+    assert twin.lm_head.weight.dtype == torch.bfloat16 and twin.transformer.wte.weight is model.transformer.wte.weight
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(twin(idx)[0], model(idx)[0])  # autocast rounds fp32 weights to these very values
+    for _ in range(2):  # the second round after an optimizer-like in-place update of every weight
+        ref = [naive_greedy_autocast(model, p, NEW) for p in PROMPTS]
+        with torch.autocast("cpu", torch.bfloat16):
+            assert generate_batch(model, PROMPTS, NEW, temperature=0, decode="eager") == ref
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+    assert list(model.state_dict()) == keys  # the twin is not part of the model
+    assert len(model.__dict__["_half_twins"]) == 1
+    with torch.autocast("cpu", enabled=False):  # fp32: the model decodes itself
+        assert generate.half_twin(model, torch.device("cpu")) is model
