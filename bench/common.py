@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +45,3 @@ def format_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return f"machine: {machine()}\n\n" + "\n".join(lines)
-
-
-def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Fastest wall-clock seconds of `repeats` calls (the least disturbed by other work on the machine)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)

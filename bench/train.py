@@ -22,8 +22,8 @@ import torch
 
 import train_gpt2
 from bench.ablate import GPT2_FLAGS
-from bench.common import Row, best_of, format_table
-from cpu_caps import cpu_has_native_bf16, matmul_peak_flops
+from bench.common import Row, format_table
+from cpu_caps import best_seconds, cpu_has_native_bf16, matmul_peak_flops
 from model import GPT, GPTConfig
 
 CHAR_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32)  # the preset's shapes
@@ -75,7 +75,7 @@ def transformers_tok_per_s(shape: dict, vocab_size: int, steps: int) -> float:
 
     step()
     step()
-    return B * T / best_of(step, repeats=steps)
+    return B * T / best_seconds(step, repeats=steps)
 
 
 def time_to_val(args: list[str], target: float) -> tuple[float | None, float, float]:
