@@ -159,6 +159,13 @@ def use_compile_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+def compile_cached(fn, **kwargs):
+    """`torch.compile(fn, **kwargs)` with its caches where `use_compile_cache` keeps them: every compile of the
+    project (training step, decode step, HellaSwag forward) goes through here."""
+    use_compile_cache()
+    return torch.compile(fn, **kwargs)
+
+
 # ----------------------------------------------------------------------------- FP8
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from devices import compile_unsupported
+from devices import compile_cached, compile_unsupported
 from errors import first_line
 from model import GPT, LanguageModel, StaticKVCache, soft_cap
 
@@ -118,7 +118,7 @@ class Decoder:
         self.prompt_pad: torch.Tensor | None = None  # this call's padding (None: none)
         self.compiled = None
         if path != "eager":
-            self.compiled = torch.compile(self._step, mode=COMPILE_MODES[path], fullgraph=True, dynamic=False)
+            self.compiled = compile_cached(self._step, mode=COMPILE_MODES[path], fullgraph=True, dynamic=False)
 
     def start(self, pad: torch.Tensor | None) -> None:
         """Begin a new batch of prompts, row b's first pad[b] columns being padding."""

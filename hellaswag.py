@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from devices import DTYPES, autocast, pick_device
+from devices import DTYPES, autocast, compile_cached, pick_device
 from fileio import atomic_write_bytes
 from model import GPT
 from tokenizer import cache_dir, get_tokenizer
@@ -400,7 +400,7 @@ def score(
     """
     ours = isinstance(model, GPT)
     lay = make_layout(encoded, ours, batch_tokens, batch_size, device)
-    hidden_of = torch.compile(_packed_hidden, dynamic=True) if compile and ours else _packed_hidden
+    hidden_of = compile_cached(_packed_hidden, dynamic=True) if compile and ours else _packed_hidden
     losses = []
     for b in tqdm(range(len(lay.width)), unit="batch", desc="hellaswag", disable=not progress):
         losses.append(_gpt_losses(model, hidden_of, lay, b, vocab_size) if ours

@@ -67,6 +67,7 @@ from devices import (
     all_mean,
     any_rank,
     autocast,
+    compile_cached,
     compile_unsupported,
     convert_to_fp8,
     fp8_unsupported,
@@ -549,9 +550,9 @@ def wrap_model(model: LanguageModel, cfg: TrainConfig, d: Dist) -> tuple[torch.n
         layers = convert_to_fp8(model)
         if d.master:
             print(f"fp8: {len(layers)} linear layers run their matmuls in FP8 (torchao, tensorwise scaling)")
+    wrapped: torch.nn.Module = compile_cached(model) if compiled else model
     if compiled and d.master:
         print(f"compile: caches in {use_compile_cache()} (a restarted run reuses them)")
-    wrapped: torch.nn.Module = torch.compile(model) if compiled else model
     if d.ddp:
         wrapped = DDP(wrapped, device_ids=[d.local_rank] if device_type == "cuda" else None)
     return wrapped, compiled
@@ -600,8 +601,8 @@ def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
     """Restore or build everything a run needs; returns the trainer, the first step and the resumed file."""
     if not auto_batch(cfg, d.device):
         grad_accum_steps(cfg, d.world_size)  # a batch that cannot make the total is refused before anything runs
-    if cfg.fp8 and fp8_unsupported(d.device):
-        raise ValueError(fp8_unsupported(d.device))
+    if cfg.fp8 and (why := fp8_unsupported(d.device)):
+        raise ValueError(why)
     seed_everything(cfg.seed, d.device)
     dtype = pick_dtype(d.device, cfg.dtype)
     resume_path, ckpt = find_resume(cfg, d)
