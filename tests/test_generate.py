@@ -220,3 +220,6 @@ def test_half_twin_computes_autocast_bit_for_bit_and_follows_weight_updates(opti
     assert len(model.__dict__["_half_twins"]) == 1
     with torch.autocast("cpu", enabled=False):  # fp32: the model decodes itself
         assert generate.half_twin(model, torch.device("cpu")) is model
+    with torch.autocast("cpu", torch.bfloat16):  # the decoding device's own autocast decides, on any device
+        assert generate.half_twin(model, torch.device("cpu")) is not model
+        assert generate.half_twin(model, torch.device("cuda")) is model
