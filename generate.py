@@ -303,8 +303,12 @@ def generate_stream(
             decoder.start(pad)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     try:
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             logits = model.next_logits(idx) if decoder is None else decoder.next_logits(idx, use_cache)
+            # did the last token end every row? Asked only now, with the next step queued: on an asynchronous
+            # device (CUDA) the host waits for the answer while the device works, never the other way round
+            if i and eot is not None and bool(done.all()):
+                return
             if vocab_size is not None:
                 logits = logits[:, :vocab_size]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -313,8 +317,6 @@ def generate_stream(
                 done |= nxt == eot
             idx = torch.cat((idx, nxt[:, None]), dim=1)
             yield nxt
-            if eot is not None and bool(done.all()):
-                return
     finally:
         if decoder is not None:
             checkin(model, decoder)
