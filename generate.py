@@ -28,7 +28,7 @@ from torch import nn
 
 from devices import compile_cached, compile_unsupported
 from errors import first_line
-from model import GPT, LanguageModel, StaticKVCache, soft_cap
+from model import GPT, LanguageModel, StaticKVCache
 
 DECODE_PATHS = ("auto", "eager", "compile", "cudagraphs")
 COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
@@ -91,11 +91,7 @@ def cache_len(needed: int, block_size: int) -> int:
 def last_logits(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """Logits (B, vocab) at the last column of `idx` (B, T) at positions `pos` (B, T), keys and values going
     through `cache`."""
-    x, rope = model.embed(idx, pos)
-    x = model.transformer.drop(x)
-    for i, block in enumerate(model.transformer.h):
-        x = block(x, cache, i, rope)
-    return soft_cap(model.lm_head(model.transformer.ln_f(x[:, -1])), model.config.logit_softcap)
+    return model.logits(model.hidden_states(idx, cache, pos)[:, -1])
 
 
 class Decoder:

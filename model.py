@@ -105,29 +105,6 @@ RopeAngles = tuple[torch.Tensor, torch.Tensor]
 CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions, filled left to right."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled so far (all layers)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
-        """Store this step's keys/values for `layer`; return all keys/values up to and including them, and how
-        the new queries attend to them."""
-        past, T = self.pos, k.size(2)
-        self.k[layer, :, :, past : past + T] = k
-        self.v[layer, :, :, past : past + T] = v
-        mask = None
-        if past > 0 and T > 1:  # new queries see the whole cached prefix plus the causal part of themselves
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=k.device).tril(diagonal=past)
-        # with nothing cached the new queries are causal among themselves; one new query sees every key
-        return self.k[layer, :, :, : past + T], self.v[layer, :, :, : past + T], mask, past == 0 and T > 1
-
-
 @dataclass
 class StaticKVCache:
     """Keys and values in tensors of fixed shape (B, n_head, max_len, head_size), one per layer, written at the
@@ -172,7 +149,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: KVCache | StaticKVCache | None = None,
+        kv_cache: StaticKVCache | None = None,
         layer: int = 0,
         rope: RopeAngles | None = None,
         attn_mask: torch.Tensor | None = None,
@@ -229,7 +206,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: KVCache | StaticKVCache | None = None,
+        kv_cache: StaticKVCache | None = None,
         layer: int = 0,
         rope: RopeAngles | None = None,
         attn_mask: torch.Tensor | None = None,
@@ -381,30 +358,27 @@ class GPT(LanguageModel):
     def hidden_states(
         self,
         idx: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: StaticKVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, n_embd) for tokens `idx` at positions following the cache.
+        """Final-LayerNorm output (B, T, n_embd) for tokens `idx`.
 
-        `positions` (B, T) and a boolean `attn_mask` (B, 1, T, T; True = may attend) replace the default
+        `positions` ((T,) or (B, T)) and a boolean `attn_mask` (B, 1, T, T; True = may attend) replace the default
         0, 1, ... positions and causal mask, e.g. for several sequences packed into one row; the caller keeps
-        every position below block_size.
+        every position below block_size. With `kv_cache` the keys and values go through the cache, which says
+        what each query sees (decoding, generate.py).
         """
-        B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if positions is None and start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}"
-            )
+        T = idx.size(1)
         if positions is None:
-            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the model's block_size "
+                                 f"{self.config.block_size}")
+            positions = torch.arange(T, dtype=torch.long, device=idx.device)
         x, rope = self.embed(idx, positions)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, i, rope, attn_mask)
-        if kv_cache is not None:
-            kv_cache.pos += T
         return self.transformer.ln_f(x)
 
     def forward(

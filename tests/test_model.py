@@ -103,19 +103,6 @@ def test_generation_past_block_size_crops_context():
     assert torch.equal(out, naive_greedy(model, prompt, 30))
 
 
-def test_kv_cache_chunked_prefill_matches_full_forward():
-    from model import KVCache
-
-    model = tiny_gpt()
-    idx = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(5))
-    cache = KVCache(model.config, 2, 64, "cpu", torch.float32)
-    with torch.no_grad():
-        a = model.hidden_states(idx[:, :12], cache)
-        b = model.hidden_states(idx[:, 12:], cache)
-        full = model.hidden_states(idx)
-    assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
-
-
 def test_sampling_is_seeded_and_stops_at_eot():
     model = tiny_gpt()
     prompt = torch.zeros(3, 1, dtype=torch.long)

@@ -16,6 +16,7 @@ from model import (
     CausalSelfAttention,
     GPTConfig,
     RMSNorm,
+    StaticKVCache,
     apply_rotary,
     rotary_tables,
 )
@@ -221,13 +222,18 @@ def test_combo_trains_checkpoints_and_generates(combo, optimizer):
     assert torch.equal(cached, naive_greedy(model, prompt, 20))
 
 
-def test_rope_cache_prefill_in_chunks_matches_full_forward():
-    from model import KVCache
-
-    model = tiny(pos="rope", qk_norm=True).eval()
+@pytest.mark.parametrize("options", [{}, dict(pos="rope", qk_norm=True)], ids=["learned", "rope+qk_norm"])
+def test_static_cache_prefill_in_chunks_matches_full_forward(options):
+    """Chunks of a sequence through a StaticKVCache, each seeing the cached columns before it and itself causally,
+    give the hidden states of one forward over the whole sequence."""
+    model = tiny(**options).eval()
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(8))
-    cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+    k, v = StaticKVCache.allocate(model.config, 2, 16, "cpu", torch.float32)
+    parts = []
     with torch.no_grad():
-        parts = [model.hidden_states(idx[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 16))]
+        for a, b in ((0, 5), (5, 6), (6, 16)):
+            cols = torch.arange(a, b)
+            mask = torch.ones(b - a, b, dtype=torch.bool).tril(diagonal=a).expand(2, 1, b - a, b)
+            parts.append(model.hidden_states(idx[:, a:b], StaticKVCache(k, v, cols, mask, b), cols))
         full = model.hidden_states(idx)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
