@@ -467,6 +467,7 @@ def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None
         raise FinewebError(f"{out_dir / MANIFEST} is from a different job ({', '.join(diff)} differ); "
                            "re-run with the same options, or pick a new --out_dir")
     manifest["shards"], start = resume_state(out_dir, old)
+    manifest["next"] = asdict(start)  # written before any new shard: a run stopped again resumes from here too
     return manifest, start, old
 
 

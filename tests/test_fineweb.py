@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,30 @@ def test_killed_run_resumes_to_identical_shards(corpus, finished, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["shards"] == \
         json.loads((finished / "manifest.json").read_text())["shards"]
     fineweb.main(["--verify", "--out_dir", str(out)])
+
+
+def test_resume_stopped_before_its_first_shard_resumes_again_from_the_same_place(corpus, finished, tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "shards"
+    shutil.copytree(finished, out)
+    # the state a run leaves when stopped after its first two shards: manifest with two, the later files gone
+    m = json.loads((out / "manifest.json").read_text())
+    for entry in m["shards"][2:]:
+        (out / entry["file"]).unlink()
+    m["next"], m["shards"], m["complete"] = m["shards"][2]["start"], m["shards"][:2], False
+    del m["total_tokens"], m["total_documents"]
+    (out / "manifest.json").write_text(json.dumps(m))
+
+    def stopped(*args, **kwargs):  # the resumed run is stopped again before it finishes a shard
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fineweb, "write_shards", stopped)
+    with pytest.raises(SystemExit, match="interrupted"):
+        fineweb.main(parquet_args(corpus, out) + ["--num_proc", "1"])
+    assert json.loads((out / "manifest.json").read_text())["next"] == m["next"]
+    monkeypatch.undo()
+    fineweb.main(parquet_args(corpus, out) + ["--num_proc", "1"])
+    assert file_bytes(out) == file_bytes(finished)
 
 
 def test_rerun_of_finished_job_is_a_no_op_and_other_options_are_refused(corpus, finished, capsys):
