@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import chain
+from itertools import chain, pairwise
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -614,11 +614,25 @@ def verify(out_dir: str | Path) -> list[str]:
             continue
         if int(np.count_nonzero(tokens == manifest["tokenizer"]["eot"])) != entry["documents"]:
             problems.append(f"{path}: document count differs from the manifest")
+    problems += order_problems(out_dir, manifest["shards"])
     listed = {e["file"] for e in manifest["shards"]}
     problems += [f"{p}: not in the manifest" for p in sorted(out_dir.glob(f"{manifest['prefix']}_*.npy"))
                  if p.name not in listed]
     if not manifest.get("complete"):
         problems.append(f"{out_dir / MANIFEST}: the run is unfinished; re-run the same fineweb.py command to finish it")
+    return problems
+
+
+def order_problems(out_dir: Path, shards: list[dict]) -> list[str]:
+    """Shards must follow each other through the corpus: one that starts at or before the one ahead of it holds
+    documents again (a resume that went back)."""
+    problems = []
+    for before, entry in pairwise(shards):
+        a, b = Position(**before["start"]), Position(**entry["start"])
+        if (b.doc, b.offset) <= (a.doc, a.offset):
+            problems.append(f"{out_dir / entry['file']}: starts at document {b.doc:,} (token {b.offset:,}), not "
+                            f"after {before['file']} (document {a.doc:,}): part of the corpus is in the shards twice; "
+                            "delete the directory and run the job again")
     return problems
 
 

@@ -225,6 +225,17 @@ def test_resume_stopped_before_its_first_shard_resumes_again_from_the_same_place
     monkeypatch.undo()
     fineweb.main(parquet_args(corpus, out) + ["--num_proc", "1"])
     assert file_bytes(out) == file_bytes(finished)
+    assert fineweb.verify(out) == []
+
+
+def test_verify_names_a_shard_that_goes_back_in_the_corpus(finished, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(finished, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["shards"][3]["start"] = m["shards"][1]["start"]  # as if a resume had gone back to shard 1's documents
+    (out / "manifest.json").write_text(json.dumps(m))
+    problems = fineweb.verify(out)
+    assert len(problems) == 1 and m["shards"][3]["file"] in problems[0] and "twice" in problems[0]
 
 
 def test_rerun_of_finished_job_is_a_no_op_and_other_options_are_refused(corpus, finished, capsys):
