@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import first_line
 from fileio import atomic_write, refused_object
 from gpt2_sizes import HF_MODELS
 from model import GPT, MODEL_TYPES, GPTConfig, LanguageModel
@@ -32,6 +33,11 @@ MAX_PARAMS = 100e9  # a model_config claiming more is refused before anything is
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A file whose bytes do not load as one of our checkpoints (corrupt, truncated, pickled code, another
+    format), as opposed to one that loads but does not fit this version or run, or one that cannot be opened."""
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
@@ -52,9 +58,10 @@ def check_crc(path: Path) -> None:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e}); the file is corrupt or truncated") from None
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({e}); the file is corrupt or "
+                                   "truncated") from None
     if bad is not None:
-        raise CheckpointError(f"{path}: corrupt, its entry {bad} fails its CRC check; use an earlier checkpoint")
+        raise UnreadableCheckpoint(f"{path}: corrupt, its entry {bad} fails its CRC check; use an earlier checkpoint")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -62,25 +69,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:  # a file that cannot be opened may be fine: not a reason to set it aside
+        open(path, "rb").close()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open it ({e.strerror or e}); check its permissions") from None
     check_crc(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
+            raise UnreadableCheckpoint(
                 f"{path}: refused, it contains pickled objects other than tensors and plain data "
                 f"({refused_object(str(e))}); only load checkpoints you trust, and re-save them as plain state dicts"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:120]}); the file may be corrupt") from None
-    # LookupError: a text file read as a pickle
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({first_line(e, 120)}); the file may be "
+                                   "corrupt") from None
+    # LookupError: a text file read as a pickle; OSError: a truncated zip
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, LookupError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({first[:120]}); the file is corrupt or truncated"
+        raise UnreadableCheckpoint(
+            f"{path}: not a readable checkpoint ({first_line(e, 120)}); the file is corrupt or truncated"
         ) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise CheckpointError(
+        raise UnreadableCheckpoint(
             f"{path}: not a gpt2-repro checkpoint (needs keys {', '.join(REQUIRED_KEYS)}); "
             "for Hugging Face weights pass the model directory instead"
         )
@@ -265,14 +275,23 @@ def newest_resumable(out_dir: Path, log=print) -> tuple[Path | None, dict | None
     for path in reversed(list_checkpoints(out_dir)):
         try:
             ckpt = load_checkpoint(path)
-        except CheckpointError as e:
-            bad = path.with_name(path.name + ".unreadable")
+        except UnreadableCheckpoint as e:  # anything else (another version, a read error) stops the run
+            bad = set_aside(path)
             log(f"resume: skipping {e}; moved aside to {bad.name}")
-            os.replace(path, bad)
             continue
         check_resumable(ckpt, path)
         return path, ckpt
     return None, None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename `path` to PATH.unreadable (PATH.unreadable.N when that is taken: earlier ones are kept)."""
+    bad, n = path.with_name(path.name + ".unreadable"), 0
+    while bad.exists():
+        n += 1
+        bad = path.with_name(f"{path.name}.unreadable.{n}")
+    os.replace(path, bad)
+    return bad
 
 
 def write_checkpoint(ckpt: dict, out_dir: Path, step: int, keep_last: int) -> Path:

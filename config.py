@@ -15,11 +15,12 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from devices import DTYPES
 from model import CONFIG_CHOICES, MODEL_TYPES, OPTIMIZERS
 
 FINEWEB_DIR = "edu_fineweb10B"
 DATA_KINDS = ("shards", "char", "gpt2-text", "addition")
-DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_NAMES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "muon_momentum": (0, 1, True, False),
     "muon_weight_decay": (0, INF, True, False),
     "nonfinite_skips": (0, INF, True, False),
-    "seed": (0, 2**63 - 1, True, True),
+    "seed": (0, 2**32 - 1, True, True),  # numpy's seeds are 32-bit
     "eval_interval": (1, INF, True, False),
     "eval_iters": (1, INF, True, False),
     "target_val_loss": (0, INF, True, False),
@@ -229,8 +230,15 @@ def preset_batch_size(preset: str) -> int:
     return PRESETS.get(preset, {}).get("batch_size", TrainConfig.batch_size)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad value is a `ConfigError` (one line) rather than the whole usage and an exit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see --help")
+
+
 def config_parser(description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     for f in fields(TrainConfig):
@@ -300,6 +308,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--eval_only needs a model: --init gpt2|HF_DIR|CHECKPOINT")
     if cfg.stop_at_target and cfg.target_val_loss <= 0:
         raise ConfigError("--stop_at_target needs --target_val_loss X (the val loss to stop at)")
+    if cfg.hellaswag_jsonl and cfg.data in ("char", "addition"):
+        raise ConfigError(f"--hellaswag_jsonl: HellaSwag is scored in GPT-2 tokens and --data {cfg.data} has its own "
+                          "vocabulary; drop the flag")
 
 
 def fit_to_world(cfg: TrainConfig, world_size: int) -> TrainConfig:

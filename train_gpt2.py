@@ -42,7 +42,7 @@ from addition import AdditionLoader, exact_match, held_out_problems
 from autobatch import candidates, largest_that_fits, try_step
 from checkpoint import (
     check_resumable,
-    list_checkpoints,
+    latest_checkpoint,
     load_checkpoint,
     load_model,
     model_checkpoint_fields,
@@ -80,7 +80,7 @@ from devices import (
 )
 from errors import one_line_errors
 from model import MODEL_TYPES, GPTConfig, LanguageModel
-from rundir import Metrics, RunLock, write_config
+from rundir import CONFIG_FILE, METRICS_FILE, Metrics, RunLock, write_config
 from tokenizer import Tokenizer, get_tokenizer, gpt2_encoding, tokenizer_from_dict
 
 
@@ -99,7 +99,7 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 
 def read_text(path: str) -> str:
     p = Path(path)
-    if not p.exists() and p.name == "input.txt":
+    if not p.exists() and path == TrainConfig.text_path:
         from prepare import ensure_shakespeare
 
         ensure_shakespeare(p)  # the embedded default needs no set-up step
@@ -194,7 +194,10 @@ def find_resume(cfg: TrainConfig, d: Dist) -> tuple[Path | None, dict | None]:
         else:
             path = Path(cfg.resume)
             if path.is_dir():
-                path = next(reversed(list_checkpoints(path)), None) or path
+                path = latest_checkpoint(path)
+                if path is None:
+                    raise ConfigError(f"--resume {cfg.resume}: no ckpt_*.pt in that directory; pass a checkpoint "
+                                      "file, or --resume auto to start fresh when there is none")
     if d.ddp:
         box = [str(path) if path else ""]
         dist.broadcast_object_list(box, src=0)
@@ -203,6 +206,21 @@ def find_resume(cfg: TrainConfig, d: Dist) -> tuple[Path | None, dict | None]:
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, path)
     return path, ckpt
+
+
+def check_out_dir(cfg: TrainConfig, resume_path: Path | None) -> None:
+    """Never mix two runs in one --out_dir: a fresh run needs one without a run in it, and a resumed run goes on
+    from the newest checkpoint there (resuming an older one would prune the newer ones, and `auto` pick them)."""
+    out = Path(cfg.out_dir)
+    newest = latest_checkpoint(out)
+    if not cfg.resume:
+        record = newest or next((out / f for f in (CONFIG_FILE, METRICS_FILE) if (out / f).exists()), None)
+        if record is not None:
+            raise ConfigError(f"{out} already holds a run ({record.name}); continue it with --resume auto, or pick a "
+                              "new --out_dir")
+    elif resume_path is not None and newest is not None and resume_path.resolve() != newest.resolve():
+        raise ConfigError(f"--resume {resume_path}: {out} already holds {newest.name}, a later checkpoint or another "
+                          "run's; going on here would mix the two runs; resume into a new --out_dir")
 
 
 def restore_model(cfg: TrainConfig, ckpt: dict, path: Path, tokenizer: Tokenizer) -> LanguageModel:
@@ -250,10 +268,15 @@ def choose_batch_size(cfg: TrainConfig, d: Dist, model: LanguageModel, dtype: to
 
 def restore_training(ckpt: dict, cfg: TrainConfig, optimizer, scaler, loader: TokenLoader) -> tuple[int, float]:
     """Optimizer, scaler and loader states; returns the step to continue at and the wall time so far."""
-    trained_with = ckpt.get("train_config", {}).get("optimizer", "adamw")
-    if trained_with != cfg.optimizer:
-        raise ConfigError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, not "
-                          f"{cfg.optimizer}; resume with the optimizer it was trained with")
+    trained = {"optimizer": "adamw"} | ckpt.get("train_config", {})
+    # the optimizer state belongs to its optimizer; the seed and shuffling decide the data order (and which
+    # addition problems are held out), which the loader state continues
+    for flag in ("optimizer", "seed", "shuffle"):
+        was, now = trained.get(flag, getattr(cfg, flag)), getattr(cfg, flag)
+        if was != now:
+            show = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731
+            raise ConfigError(f"--resume: the checkpoint was trained with --{flag} {show(was)}, not {show(now)}; "
+                              f"resume with the --{flag} it was trained with")
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
@@ -283,7 +306,7 @@ def evaluate_loss(model: LanguageModel, loader: TokenLoader, iters: int, d: Dist
 
 def hellaswag_examples(cfg: TrainConfig, tokenizer: Tokenizer) -> list[dict] | None:
     """HellaSwag val examples when their data is on disk (never downloaded here) and the model speaks GPT-2."""
-    if tokenizer.name != "gpt2" or cfg.data == "char":
+    if tokenizer.name != "gpt2" or cfg.data == "char":  # --hellaswag_jsonl with such data is refused up front
         return None
     import hellaswag
 
@@ -503,7 +526,7 @@ class Trainer:
         self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.skipped > self.cfg.nonfinite_skips:
-            newest = next(reversed(list_checkpoints(self.cfg.out_dir)), None)
+            newest = latest_checkpoint(self.cfg.out_dir)
             kept = f"the newest checkpoint {newest} is kept" if newest else "no checkpoint was written"
             raise Diverged(f"step {step}: loss {loss}, gradient norm {norm}: the run diverged; {kept}. Lower "
                            "--max_lr, or pass --nonfinite_skips N to skip isolated bad steps")
@@ -583,9 +606,7 @@ def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: 
     if cfg.block_size > raw.config.block_size:
         raise ConfigError(f"--block_size {cfg.block_size} is above the model's context {raw.config.block_size}; "
                           "lower it")
-    if not cfg.resume and list_checkpoints(cfg.out_dir):
-        raise ConfigError(f"{cfg.out_dir} already has checkpoints ({list_checkpoints(cfg.out_dir)[-1].name}); "
-                          "continue it with --resume auto, or pick a new --out_dir")
+    check_out_dir(cfg, resume_path)
     raw.to(d.device)
     if auto_batch(wanted, d.device):
         chosen = choose_batch_size(cfg, d, raw, dtype)
@@ -691,9 +712,11 @@ def eval_only(cfg: TrainConfig, d: Dist) -> dict:
                           " --text_path FILE")
     cfg = dataclasses.replace(cfg, block_size=min(cfg.block_size, model.config.block_size),
                               vocab_size=model.config.vocab_size)
-    _, _, val_loader = build_data(cfg, d, tokenizer)
     dtype = pick_dtype(d.device, cfg.dtype)
     model.to(d.device)
+    if not cfg.batch_size:  # auto: what training would pick (a training step fits, so evaluation does)
+        cfg = choose_batch_size(cfg, d, model, dtype)
+    _, _, val_loader = build_data(cfg, d, tokenizer)
     result = {"val_loss": evaluate_loss(model, val_loader, cfg.eval_iters, d, dtype)}
     examples = hellaswag_examples(cfg, tokenizer)
     if examples:

@@ -160,6 +160,33 @@ CASES: dict[str, Case] = {
         [str(s / "weights.pt"), "--init"]),
     "fresh run into a run dir that has checkpoints": lambda s: (
         train_gpt2.main, train_args(s), [str(s / "run"), "--resume"]),
+    "fresh run into a run dir without checkpoints yet": lambda s: (
+        train_gpt2.main, train_args(s, "--out_dir", str(_run_without_checkpoints(s))),
+        [str(s / "fresh"), "config.json", "--resume auto"]),
+    "resume from an older checkpoint of the run": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(s / "run" / "ckpt_0000002.pt"), "--max_steps", "3"),
+        [str(s / "run" / "ckpt_0000002.pt"), "ckpt_0000004.pt", "new --out_dir"]),
+    "resume another run's checkpoint into a run dir": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(_other_run_checkpoint(s)), "--max_steps", "5"),
+        [str(s / "other" / "ckpt_0000004.pt"), "ckpt_0000004.pt", "new --out_dir"]),
+    "resume with another --seed": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", "auto", "--seed", "7", "--max_steps", "5"),
+        ["--seed 1337", "not 7"]),
+    "resume with another --shuffle": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", "auto", "--shuffle", "false", "--max_steps", "5"),
+        ["--shuffle true", "not false"]),
+    "resume from a directory without checkpoints": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", str(_run_without_checkpoints(s)), "--out_dir", str(s / "new")),
+        [str(s / "fresh"), "no ckpt_*.pt"]),
+    "resume auto from a checkpoint of a newer version": lambda s: (
+        train_gpt2.main, train_args(s, "--resume", "auto", "--max_steps", "5"),
+        [str(_newer_version(s / "run" / "ckpt_0000004.pt")), "unknown field"]),
+    "missing --text_path that is not the default": lambda s: (
+        train_gpt2.main, train_args(s, "--text_path", str(s / "mine" / "input.txt"), "--out_dir", str(s / "new")),
+        [str(s / "mine" / "input.txt")]),
+    "--hellaswag_jsonl with a char model": lambda s: (
+        train_gpt2.main, train_args(s, "--hellaswag_jsonl", str(s / "hs.jsonl"), "--out_dir", str(s / "new")),
+        ["--hellaswag_jsonl", "char"]),
     "malformed HellaSwag line": lambda s: (
         _hellaswag_main(), ["--jsonl", str(_bad_hellaswag(s)), "--model", str(s / "run"), "--device", "cpu"],
         [f"{s / 'hellaswag.jsonl'}:2"]),
@@ -280,6 +307,19 @@ def _run_without_checkpoints(s: Path) -> Path:
     shutil.copy(s / "run" / "config.json", s / "fresh" / "config.json")
     shutil.copy(s / "run" / "metrics.jsonl", s / "fresh" / "metrics.jsonl")
     return s / "fresh"
+
+
+def _other_run_checkpoint(s: Path) -> Path:
+    (s / "other").mkdir()
+    return Path(shutil.copy(s / "run" / "ckpt_0000004.pt", s / "other" / "ckpt_0000004.pt"))
+
+
+def _newer_version(path: Path) -> Path:
+    """The checkpoint as a later version might write it: a model_config field this version does not know."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["n_kv_head"] = 2
+    save_checkpoint(ckpt, path)
+    return path
 
 
 def _torn_metrics(s: Path) -> Path:

@@ -129,7 +129,9 @@ def test_every_preset_parses_and_builds_its_model(preset):
         (["--n_layr", "2"], "unknown option --n_layr; did you mean --n_layer?"),
         (["--preset", "gpt5"], "unknown preset 'gpt5'"),
         (["--dtype", "fp8"], "--dtype 'fp8' is not one of"),
-        (["--compile", "maybe"], None),  # argparse's own error, exit 2
+        (["--compile", "maybe"], "argument --compile: expected true or false, got 'maybe'; see --help"),
+        (["--max_steps", "abc"], "argument --max_steps: invalid int value: 'abc'"),
+        (["--seed", str(2**32)], "--seed"),
         (["--total_batch_size", "1000"], "is not a multiple of batch_size x block_size x world_size"),
         (["--block_size", "4096", "--batch_size", "1", "--total_batch_size", "4096"], "cannot fill one batch"),
         (["--tensorboard"], "pip install tensorboard"),
@@ -143,11 +145,8 @@ def test_bad_settings_are_one_line_errors(argv, message, small_text, tmp_path, c
         pytest.skip("wandb is installed")
     with pytest.raises(SystemExit) as e:
         train_gpt2.main(tiny(small_text, tmp_path, "--max_steps", "1", *argv))
-    if message is None:
-        assert e.value.code == 2 and "expected true or false" in capsys.readouterr().err
-    else:
-        assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
-        assert message in e.value.code
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    assert message in e.value.code and not capsys.readouterr().err  # no usage text either
 
 
 def test_run_dir_contract(straight_run):
@@ -176,10 +175,13 @@ def test_exact_resume_skips_unreadable_and_temp_files(straight_run, small_text, 
     out.mkdir()
     shutil.copy(straight_run / "ckpt_0000004.pt", out)
     (out / "ckpt_0000006.pt").write_bytes(b"truncated by a crash")
+    (out / "ckpt_0000006.pt.unreadable").write_bytes(b"set aside by an earlier resume")  # kept, not overwritten
     (out / ".ckpt_0000007.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     train_gpt2.main(tiny(small_text, out, "--max_steps", "8", "--ckpt_interval", "4", "--keep_last", "0",
                          "--resume", "auto"))
-    assert not list(out.glob(".ckpt_*.tmp")) and (out / "ckpt_0000006.pt.unreadable").exists()
+    assert not list(out.glob(".ckpt_*.tmp"))
+    assert (out / "ckpt_0000006.pt.unreadable").read_bytes() == b"set aside by an earlier resume"
+    assert (out / "ckpt_0000006.pt.unreadable.1").read_bytes() == b"truncated by a crash"
     a, b = load_checkpoint(straight_run / "ckpt_0000008.pt"), load_checkpoint(out / "ckpt_0000008.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -201,6 +203,14 @@ def test_eval_only_matches_the_trainers_val_loss(straight_run, small_text):
     result = train_gpt2.main(tiny(small_text, straight_run / "unused", "--eval_only", "--init",
                                   str(straight_run / "ckpt_0000008.pt")))
     assert result["val_loss"] == pytest.approx(events(straight_run, "val_loss")[8], abs=1e-6)
+
+
+def test_eval_only_with_batch_size_auto_evaluates_at_the_batch_training_would_pick(straight_run, small_text):
+    flags = ["--eval_only", "--init", str(straight_run / "ckpt_0000008.pt"), "--eval_iters", "2"]
+    auto = train_gpt2.main(tiny(small_text, straight_run / "unused", *flags, "--batch_size", "auto"))
+    # the largest micro-batch that makes the 256-token batch at T=32 in one step, as training would pick on CPU
+    explicit = train_gpt2.main(tiny(small_text, straight_run / "unused", *flags, "--batch_size", "8"))
+    assert math.isfinite(auto["val_loss"]) and auto["val_loss"] == explicit["val_loss"]
 
 
 def test_sigterm_checkpoints_at_a_step_boundary_then_resume_is_exact(small_text, tmp_path):
