@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from tokenizer import gpt2_encoding
+from tokenizer import gpt2_encoding, gpt2_ranks_path
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -392,3 +392,34 @@ def test_unwritable_out_dir_is_refused_before_anything_is_read(tmp_path, monkeyp
     assert msg == (f"error: --out_dir {out}: {out.parent} is not writable (read-only?); make it writable or pick "
                    "another --out_dir")
     assert list(out.parent.iterdir()) == []
+
+
+def test_io_error_without_a_file_name_names_out_dir(tmp_path, monkeypatch):
+    """A failed write to an open shard carries no file name: the one line names --out_dir instead."""
+    (tmp_path / "doc.txt").write_text("some text")
+    out = tmp_path / "o"
+
+    def broken(f, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fineweb, "write_bytes", broken)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(out), "--num_proc", "1"])
+    assert str(e.value.code) == f"error: {out}: Input/output error; check the path and permissions"
+
+
+def test_damaged_gpt2_ranks_file_is_a_one_line_error(tmp_path, monkeypatch):
+    ranks = tmp_path / "cache" / "gpt2.tiktoken"
+    ranks.parent.mkdir()
+    ranks.write_bytes(gpt2_ranks_path().read_bytes()[:100_000])
+    (tmp_path / "doc.txt").write_text("some text")
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(ranks.parent))
+    gpt2_encoding.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as e:
+            fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(tmp_path / "o"),
+                          "--num_proc", "1"])
+    finally:
+        gpt2_encoding.cache_clear()  # later tests rebuild the encoding from the real file
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {ranks}: ") and "python prepare.py" in msg and "\n" not in msg, msg
