@@ -121,15 +121,17 @@ def _init_worker() -> None:
 
 
 def resolve_data_files(patterns: list[str]) -> list[Path]:
-    """Expand local files and globs, in a stable order; every pattern must match."""
-    files: list[Path] = []
+    """Expand local files and globs, in a stable order; every pattern must match, and a file matched by two
+    patterns (or reached by two paths) is read once, where it first appears."""
+    files: dict[Path, Path] = {}  # resolved path -> the path as matched, in order
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
             raise FinewebError(f"--data_files {pattern!r} matches no files; check the path or quote the glob")
-        files += [Path(m) for m in matched]
-    return files
+        for m in matched:
+            files.setdefault(Path(m).resolve(), Path(m))
+    return list(files.values())
 
 
 def file_builder(files: list[Path]) -> str:

@@ -408,6 +408,19 @@ def test_io_error_without_a_file_name_names_out_dir(tmp_path, monkeypatch):
     assert str(e.value.code) == f"error: {out}: Input/output error; check the path and permissions"
 
 
+def test_a_file_matched_by_two_patterns_is_tokenized_once(tmp_path):
+    for name, text in (("a.txt", "first"), ("b.txt", "second")):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a_again.txt").symlink_to(tmp_path / "a.txt")  # the same file by another path
+    patterns = [str(tmp_path / "*.txt"), str(tmp_path / "a.txt"), str(tmp_path / "sub" / "*.txt")]
+    assert fineweb.resolve_data_files(patterns) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    out = tmp_path / "o"
+    fineweb.main(["--data_files", *patterns, "--out_dir", str(out), "--num_proc", "1"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_documents"] == 2 and len(manifest["source"]["files"]) == 2
+
+
 def test_damaged_gpt2_ranks_file_is_a_one_line_error(tmp_path, monkeypatch):
     ranks = tmp_path / "cache" / "gpt2.tiktoken"
     ranks.parent.mkdir()
