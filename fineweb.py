@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from errors import check_writable, one_line_errors
+from errors import check_writable, first_line, one_line_errors
 from fileio import atomic_write_bytes, sha256_of
 from shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
@@ -159,12 +159,15 @@ def describe_source(cfg: JobConfig, files: list[Path]) -> dict:
 
 
 def resolve_revision(cfg: JobConfig) -> str | None:
-    """The dataset repo's current commit, so the run is pinned to it; None when the hub cannot be reached."""
+    """The dataset repo's current commit, so the run is pinned to it; None (with a warning) when the hub cannot
+    be reached."""
     try:
         from huggingface_hub import HfApi
 
         return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
-    except Exception:
+    except Exception as e:  # offline, unknown repo, no huggingface_hub: load_corpus says what fails, if anything
+        print(f"warning: could not look up the current revision of {cfg.dataset} ({type(e).__name__}: "
+              f"{first_line(e, 120)}); the run is not pinned to one, pass --revision to pin it", file=sys.stderr)
         return cfg.revision
 
 
@@ -447,12 +450,25 @@ def position_in_batch(lengths: np.ndarray, first_doc: int, j: int) -> Position:
     return Position(first_doc + k, j - int(ends[k] - lengths[k]))
 
 
-def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None]:
-    """The manifest of this job with the finished shards kept, where to start, and the previous manifest."""
+def check_options(cfg: JobConfig) -> None:
+    """Numbers in range, and no hub option that --data_files would silently ignore."""
     if cfg.shard_size < 1:
         raise FinewebError(f"--shard_size must be positive, got {cfg.shard_size}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise FinewebError(f"--max_tokens must be positive, got {cfg.max_tokens}")
+    if cfg.num_proc < 0:
+        raise FinewebError(f"--num_proc must be 0 (every core) or a positive number of processes, got {cfg.num_proc}")
+    default = JobConfig()
+    ignored = [f"--{k}" for k in ("dataset", "name", "revision") if getattr(cfg, k) != getattr(default, k)]
+    if cfg.data_files and ignored:
+        one = len(ignored) == 1
+        raise FinewebError(f"{', '.join(ignored)} {'does' if one else 'do'} not apply to --data_files (local files "
+                           f"read instead of a hub dataset); drop {'it' if one else 'them'} or --data_files")
+
+
+def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None]:
+    """The manifest of this job with the finished shards kept, where to start, and the previous manifest."""
+    check_options(cfg)
     out_dir = Path(cfg.out_dir)
     old = read_manifest(out_dir)
     if old is None and out_dir.is_dir() and any(out_dir.glob(f"{cfg.prefix}_*.npy")):

@@ -421,6 +421,35 @@ def test_a_file_matched_by_two_patterns_is_tokenized_once(tmp_path):
     assert manifest["total_documents"] == 2 and len(manifest["source"]["files"]) == 2
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--num_proc", "-1"], "--num_proc must be 0 (every core) or a positive number of processes, got -1"),
+    (["--name", "sample-100BT"], "--name does not apply to --data_files"),
+    (["--dataset", "someone/corpus", "--revision", "main"], "--dataset, --revision do not apply to --data_files"),
+])
+def test_out_of_range_or_ignored_options_are_refused_in_one_line(tmp_path, extra, message):
+    (tmp_path / "doc.txt").write_text("some text")
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(out)] + extra)
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {message}") and "\n" not in msg, msg
+    assert not out.exists()
+
+
+def test_a_revision_that_cannot_be_pinned_is_a_one_line_warning(monkeypatch, capsys):
+    import huggingface_hub
+
+    class OfflineApi:
+        def dataset_info(self, *args, **kwargs):
+            raise OSError("cannot reach the hub\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    assert fineweb.resolve_revision(fineweb.JobConfig()) is None
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not look up the current revision of HuggingFaceFW/fineweb-edu (OSError: "
+                          "cannot reach the hub)") and "--revision" in err and err.count("\n") == 1, err
+
+
 def test_damaged_gpt2_ranks_file_is_a_one_line_error(tmp_path, monkeypatch):
     ranks = tmp_path / "cache" / "gpt2.tiktoken"
     ranks.parent.mkdir()
