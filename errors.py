@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sys
 from collections.abc import Iterator
-
-import torch
+from pathlib import Path
 
 OOM_ADVICE = ("lower --batch_size (accumulation keeps the total batch), --block_size or the model size, "
               "or use --batch_size auto")
@@ -35,6 +35,7 @@ def describe_os_error(e: OSError, what: str = "") -> str:
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line error."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
@@ -44,18 +45,41 @@ def is_compile_failure(e: BaseException) -> bool:
     return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory error, without importing torch: stages that never import it (fineweb.py, whose
+    spawned workers import this module too) start faster without it, and cannot run out of GPU memory."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.OutOfMemoryError)
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse up front an output path (given by `flag`) that is a file where a directory is needed, lies inside
+    a file, or whose nearest existing directory cannot be written; nothing is created."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        where = "is" if existing == path else f"is inside {existing}, which is"
+        raise ValueError(f"{flag} {path} {where} a file, not a directory; pick another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable (read-only?); make it writable or "
+                         f"pick another {flag}")
+
+
 @contextlib.contextmanager
-def one_line_errors(oom_advice: str = OOM_ADVICE) -> Iterator[None]:
-    """Turn the errors a user can fix into `sys.exit("error: ...")`; anything else is a bug and keeps its traceback."""
+def one_line_errors(oom_advice: str = OOM_ADVICE, path: str | Path = "") -> Iterator[None]:
+    """Turn the errors a user can fix into `sys.exit("error: ...")`; anything else is a bug and keeps its traceback.
+
+    `path` names an OSError that carries no file name (a failed write to a file already open).
+    """
     try:
         yield
-    except torch.OutOfMemoryError:
-        sys.exit(f"error: out of memory; {oom_advice}")
     except OSError as e:
-        sys.exit(f"error: {describe_os_error(e)}")
-    except ValueError as e:  # includes CheckpointError and ConfigError
+        sys.exit(f"error: {describe_os_error(e, '' if e.filename else str(path))}")
+    except ValueError as e:  # includes CheckpointError, ConfigError, HellaSwagError and FinewebError
         sys.exit(f"error: {e}")
     except Exception as e:
+        if is_out_of_memory(e):
+            sys.exit(f"error: out of memory; {oom_advice}")
         if is_compile_failure(e):
             sys.exit(f"error: torch.compile failed ({first_line(e)}); pass --compile false, or fix the C compiler")
         raise

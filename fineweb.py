@@ -33,13 +33,18 @@ from dataclasses import asdict, dataclass, field
 from itertools import chain, pairwise
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
+from errors import check_writable, first_line, one_line_errors
 from fileio import atomic_write_bytes, sha256_of
 from shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
+
+if TYPE_CHECKING:  # datasets is imported where it is used: tokenizer workers never need it
+    from datasets import Dataset, IterableDataset
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gpt2-repro token shards v1"
@@ -48,8 +53,8 @@ TOKENS_PER_BYTE = 0.3  # a deliberately high guess of GPT-2 tokens per byte of E
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 
 
-class FinewebError(Exception):
-    """Bad input or state; the message names the file or option and the fix."""
+class FinewebError(ValueError):
+    """Bad input or state; the message names the file or option and the fix (one line, via one_line_errors)."""
 
 
 class DiskFullError(FinewebError):
@@ -116,15 +121,17 @@ def _init_worker() -> None:
 
 
 def resolve_data_files(patterns: list[str]) -> list[Path]:
-    """Expand local files and globs, in a stable order; every pattern must match."""
-    files: list[Path] = []
+    """Expand local files and globs, in a stable order; every pattern must match, and a file matched by two
+    patterns (or reached by two paths) is read once, where it first appears."""
+    files: dict[Path, Path] = {}  # resolved path -> the path as matched, in order
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
             raise FinewebError(f"--data_files {pattern!r} matches no files; check the path or quote the glob")
-        files += [Path(m) for m in matched]
-    return files
+        for m in matched:
+            files.setdefault(Path(m).resolve(), Path(m))
+    return list(files.values())
 
 
 def file_builder(files: list[Path]) -> str:
@@ -152,16 +159,19 @@ def describe_source(cfg: JobConfig, files: list[Path]) -> dict:
 
 
 def resolve_revision(cfg: JobConfig) -> str | None:
-    """The dataset repo's current commit, so the run is pinned to it; None when the hub cannot be reached."""
+    """The dataset repo's current commit, so the run is pinned to it; None (with a warning) when the hub cannot
+    be reached."""
     try:
         from huggingface_hub import HfApi
 
         return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
-    except Exception:
+    except Exception as e:  # offline, unknown repo, no huggingface_hub: load_corpus says what fails, if anything
+        print(f"warning: could not look up the current revision of {cfg.dataset} ({type(e).__name__}: "
+              f"{first_line(e, 120)}); the run is not pinned to one, pass --revision to pin it", file=sys.stderr)
         return cfg.revision
 
 
-def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int):
+def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int) -> Dataset | IterableDataset:
     """The corpus as a `datasets` Dataset (or IterableDataset with --streaming) of just the text column."""
     import datasets  # here, not at the top: tokenizer workers never need it
 
@@ -197,7 +207,7 @@ def source_name(cfg: JobConfig) -> str:
     return " ".join(cfg.data_files) if cfg.data_files else cfg.dataset
 
 
-def text_bytes(ds, cfg: JobConfig, files: list[Path]) -> int | None:
+def text_bytes(ds: Dataset | IterableDataset, cfg: JobConfig, files: list[Path]) -> int | None:
     """Bytes of text in the corpus (exact for a loaded Dataset, from file metadata otherwise), None if unknown."""
     import pyarrow.compute as pc
 
@@ -221,7 +231,7 @@ def text_bytes(ds, cfg: JobConfig, files: list[Path]) -> int | None:
     return split.num_bytes if split is not None and split.num_bytes else None
 
 
-def document_batches(ds, cfg: JobConfig, start_doc: int) -> Iterator[list[str]]:
+def document_batches(ds: Dataset | IterableDataset, cfg: JobConfig, start_doc: int) -> Iterator[list[str]]:
     """Lists of BATCH_DOCS texts in corpus order, from document `start_doc` on."""
     if start_doc:
         ds = ds.skip(start_doc)
@@ -242,7 +252,7 @@ def document_batches(ds, cfg: JobConfig, start_doc: int) -> Iterator[list[str]]:
 # ----------------------------------------------------------------------------- writing shards
 
 
-def write_bytes(f, data) -> None:
+def write_bytes(f: BinaryIO, data: bytes | memoryview) -> None:
     """Every byte write of a shard goes through here (one place where a full disk shows up)."""
     f.write(data)
 
@@ -311,7 +321,7 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
         self.file, self.tmp = None, None
 
-    def _write(self, data) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         try:
             write_bytes(self.file, data)
         except OSError as e:
@@ -397,7 +407,7 @@ def check_disk_space(out_dir: Path, n_bytes: int | None, n_docs: int | None, rem
         print("disk check: corpus size unknown, not estimated")
         return
     tokens = min(estimates)
-    need = tokens * DTYPE.itemsize + (tokens // shard_size + 1) * 128
+    need = tokens * DTYPE.itemsize + (tokens // shard_size + 1) * shard_bytes(0)  # shard_bytes(0): one header
     free = shutil.disk_usage(out_dir).free
     print(f"disk check: about {tokens / 1e6:,.1f}M tokens -> {need / 1e9:.2f} GB of shards; {free / 1e9:.2f} GB free")
     if need > free:
@@ -440,12 +450,25 @@ def position_in_batch(lengths: np.ndarray, first_doc: int, j: int) -> Position:
     return Position(first_doc + k, j - int(ends[k] - lengths[k]))
 
 
-def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None]:
-    """The manifest of this job with the finished shards kept, where to start, and the previous manifest."""
+def check_options(cfg: JobConfig) -> None:
+    """Numbers in range, and no hub option that --data_files would silently ignore."""
     if cfg.shard_size < 1:
         raise FinewebError(f"--shard_size must be positive, got {cfg.shard_size}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise FinewebError(f"--max_tokens must be positive, got {cfg.max_tokens}")
+    if cfg.num_proc < 0:
+        raise FinewebError(f"--num_proc must be 0 (every core) or a positive number of processes, got {cfg.num_proc}")
+    default = JobConfig()
+    ignored = [f"--{k}" for k in ("dataset", "name", "revision") if getattr(cfg, k) != getattr(default, k)]
+    if cfg.data_files and ignored:
+        one = len(ignored) == 1
+        raise FinewebError(f"{', '.join(ignored)} {'does' if one else 'do'} not apply to --data_files (local files "
+                           f"read instead of a hub dataset); drop {'it' if one else 'them'} or --data_files")
+
+
+def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None]:
+    """The manifest of this job with the finished shards kept, where to start, and the previous manifest."""
+    check_options(cfg)
     out_dir = Path(cfg.out_dir)
     old = read_manifest(out_dir)
     if old is None and out_dir.is_dir() and any(out_dir.glob(f"{cfg.prefix}_*.npy")):
@@ -471,7 +494,8 @@ def plan(cfg: JobConfig, files: list[Path]) -> tuple[dict, Position, dict | None
     return manifest, start, old
 
 
-def write_shards(ds, cfg: JobConfig, manifest: dict, start: Position, num_proc: int, n_docs: int | None) -> int:
+def write_shards(ds: Dataset | IterableDataset, cfg: JobConfig, manifest: dict, start: Position, num_proc: int,
+                 n_docs: int | None) -> int:
     """Tokenize from `start` on and cut the stream into shards, recording each in the manifest; new tokens."""
     out_dir = Path(cfg.out_dir)
     writer = ShardWriter(out_dir, cfg.prefix, cfg.shard_size)
@@ -523,21 +547,10 @@ def write_shards(ds, cfg: JobConfig, manifest: dict, start: Position, num_proc: 
     return new_tokens
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse up front an --out_dir that is a file, lies inside one, or cannot be written (nothing is created)."""
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # "." or "/" at the latest
-    if not existing.is_dir():
-        where = "is" if existing == out_dir else f"is inside {existing}, which is"
-        raise FinewebError(f"--out_dir {out_dir} {where} a file, not a directory; pick another --out_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FinewebError(f"--out_dir {out_dir}: {existing} is not writable (read-only?); make it writable or "
-                           "pick another --out_dir")
-
-
 def run(cfg: JobConfig) -> dict:
     """Tokenize the corpus into shards in `cfg.out_dir` (resuming a previous run); returns the manifest."""
     out_dir = Path(cfg.out_dir)
-    check_out_dir(out_dir)
+    check_writable(out_dir, "--out_dir")
     files = resolve_data_files(cfg.data_files) if cfg.data_files else []
     manifest, start, old = plan(cfg, files)
     if old is not None and old.get("complete") and len(manifest["shards"]) == len(old["shards"]):
@@ -666,22 +679,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, verify_only = parse_args(argv)
-    if verify_only:
-        problems = verify(cfg.out_dir)
-        if problems:
-            print("\n".join(problems), flush=True)
-            sys.exit(f"error: {len(problems)} problem(s) in {cfg.out_dir}")
-        m = read_manifest(Path(cfg.out_dir))
-        print(f"ok: {len(m['shards'])} shards, {m['total_tokens']:,} tokens in {cfg.out_dir} match {MANIFEST}")
-        return
-    try:
-        run(cfg)
-    except FinewebError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a path that turned unwritable after the checks, an I/O error
-        sys.exit(f"error: {e.filename or cfg.out_dir}: {e.strerror or e}; check the path and its permissions")
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted: the finished shards in {cfg.out_dir} are kept; re-run the same command to resume")
+    # FinewebError and the tokenizer's errors are ValueErrors; an OSError with no file name is about --out_dir
+    with one_line_errors(path=cfg.out_dir):
+        if verify_only:
+            problems = verify(cfg.out_dir)
+            if problems:
+                print("\n".join(problems), flush=True)
+                sys.exit(f"error: {len(problems)} problem(s) in {cfg.out_dir}")
+            m = read_manifest(Path(cfg.out_dir))
+            print(f"ok: {len(m['shards'])} shards, {m['total_tokens']:,} tokens in {cfg.out_dir} match {MANIFEST}")
+            return
+        try:
+            run(cfg)
+        except KeyboardInterrupt:
+            sys.exit(f"interrupted: the finished shards in {cfg.out_dir} are kept; re-run the same command to resume")
 
 
 if __name__ == "__main__":

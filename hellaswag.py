@@ -31,9 +31,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from devices import DTYPES, autocast, compile_cached, pick_device
+from errors import check_writable, one_line_errors
 from fileio import atomic_write_bytes
 from model import GPT
-from tokenizer import cache_dir, get_tokenizer
+from tokenizer import Tokenizer, cache_dir, get_tokenizer
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -109,10 +110,15 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise HellaSwagError(f"{path}: no such file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is named by its line
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HellaSwagError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); the file may "
+                                     "be corrupt, delete it to download it again") from None
             if not line.strip():
                 continue
             try:
@@ -142,13 +148,13 @@ def load_examples(
 # tokens
 
 
-def encode_example(example: dict, tokenizer) -> tuple[list[int], list[list[int]]]:
+def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list[list[int]]]:
     """Context tokens and the tokens of each ending with its leading space (GPT-2 BPE marks word starts)."""
     ctx = tokenizer.encode(example["ctx"])
     return ctx, [tokenizer.encode(" " + ending) for ending in example["endings"]]
 
 
-def render_example(example: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+def render_example(example: dict, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """Token rows (4, T) of `ctx + " " + ending`, zero-padded; a mask (4, T) that is 1 on ending tokens; the label."""
     ctx, endings = encode_example(example, tokenizer)
     T = len(ctx) + max(len(e) for e in endings)
@@ -289,7 +295,8 @@ class Layout:
 
 
 def make_layout(
-    encoded: Encoded, share_context: bool, batch_tokens: int, max_examples: int | None = None, device="cpu"
+    encoded: Encoded, share_context: bool, batch_tokens: int, max_examples: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Layout:
     """Lay out `encoded` examples in batches: with `share_context` (our GPT) whole examples packed several to a
     row (PACK_ROW_TOKENS), else one `context + ending` row per ending, similar lengths side by side."""
@@ -449,7 +456,7 @@ def _check_args(tokenizer, batch_size: int | None, batch_tokens: int, rank: int,
 def evaluate(
     model: torch.nn.Module,
     examples: list[dict],
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -516,6 +523,13 @@ def format_result(result: dict, model_name: str, source: str) -> str:
     return "\n".join(lines)
 
 
+def check_predictions_path(path: Path) -> None:
+    """--predictions must be a new file in a writable directory: an earlier run's predictions are never replaced."""
+    if path.exists() or path.is_symlink():
+        raise HellaSwagError(f"--predictions {path} already exists; delete it or pick another path")
+    check_writable(path, "--predictions")
+
+
 def main(argv: list[str] | None = None) -> None:
     from checkpoint import load_model
 
@@ -537,7 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("limit", "batch_size", "batch_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag} must be at least 1")
-    try:
+    with one_line_errors():  # HellaSwagError, CheckpointError, load_model's errors, OSError, OOM: one line each
+        if args.predictions:
+            check_predictions_path(Path(args.predictions))  # before the evaluation, not after it
         device = pick_device(args.device)
         examples = load_examples(args.split, args.data_dir, args.jsonl, args.limit)
         model, tokenizer = load_model(args.model, map_location="cpu")
@@ -546,13 +562,11 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(model, examples, tokenizer, batch_size=args.batch_size, device=device,
                           dtype=DTYPES[args.dtype], progress=True, batch_tokens=args.batch_tokens,
                           compile=args.compile)
-    except ValueError as e:  # HellaSwagError, CheckpointError and load_model's errors: one line each
-        sys.exit(f"error: {e}")
-    if args.predictions:
-        lines = "".join(json.dumps(p) + "\n" for p in result["predictions"])
-        atomic_write_bytes(Path(args.predictions), lines.encode())
-    source = args.jsonl or f"{args.split} split"
-    print(format_result(result, args.model, source))
+        source = args.jsonl or f"{args.split} split"
+        print(format_result(result, args.model, source), flush=True)  # the scores first: a failed write keeps them
+        if args.predictions:
+            lines = "".join(json.dumps(p) + "\n" for p in result["predictions"])
+            atomic_write_bytes(Path(args.predictions), lines.encode())
 
 
 if __name__ == "__main__":

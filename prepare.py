@@ -4,12 +4,14 @@
 
 `input.txt` is downloaded from its canonical char-rnn URL when online, otherwise copied from
 `$TINYSHAKESPEARE` or `../shared/data/tinyshakespeare/input.txt`; its sha256 is checked either way.
+An `input.txt` that is already there with other text (your own corpus) is kept, never replaced.
 The GPT-2 ranks file `whisper/assets/gpt2.tiktoken` is taken from the PyPI sdist of openai-whisper
 (`pip download --no-deps`) into the cache dir of `tokenizer.py`.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -19,6 +21,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from errors import one_line_errors
 from fileio import atomic_write_bytes, sha256_of
 from tokenizer import GPT2_RANKS_SHA256, gpt2_ranks_path
 
@@ -37,8 +40,13 @@ def _download(url: str, timeout: float = 15.0) -> bytes | None:
 
 
 def ensure_shakespeare(dest: Path = ROOT / "input.txt") -> Path:
-    """Put tiny Shakespeare at `dest`, verified by its sha256."""
-    if dest.exists() and sha256_of(dest) == SHAKESPEARE_SHA256:
+    """Put tiny Shakespeare at `dest`, verified by its sha256; a different file already there is left as it is."""
+    if dest.exists():
+        # someone's own text, put there as with nanoGPT, is what they mean to train on: never overwrite it
+        if sha256_of(dest) != SHAKESPEARE_SHA256:
+            print(f"{dest}: kept as it is ({dest.stat().st_size:,} bytes, not tiny Shakespeare), so training on "
+                  "--text_path input.txt (the default) uses it; move it away and run `python prepare.py` again for "
+                  "tiny Shakespeare")
         return dest
     local = [Path(p) for p in (os.environ.get("TINYSHAKESPEARE"),) if p]
     local += [ROOT.parent / "shared/data/tinyshakespeare/input.txt"]
@@ -83,9 +91,12 @@ def ensure_gpt2_ranks(dest: Path | None = None) -> Path:
     return dest
 
 
-def main() -> None:
-    ensure_shakespeare()
-    ensure_gpt2_ranks()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.parse_args(argv)
+    with one_line_errors():  # an unwritable directory or cache dir: one line naming it
+        ensure_shakespeare()
+        ensure_gpt2_ranks()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 
+from fileio import sha256_of
+
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT = 50256
 # GPT-2's pre-tokenizer split pattern (the same one tiktoken's "gpt2" encoding uses)
@@ -32,14 +34,23 @@ def cache_dir() -> Path:
 
 
 def gpt2_ranks_path() -> Path:
+    """Where `python prepare.py` caches GPT-2's BPE ranks file."""
     return cache_dir() / "gpt2.tiktoken"
 
 
 @lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
-    """The tiktoken GPT-2 encoding, built from the cached ranks file when it is there."""
+    """The tiktoken GPT-2 encoding, built from the cached ranks file when it is there.
+
+    A missing (offline) or damaged ranks file is a ValueError naming it and the fix, so every stage shows it as
+    one line.
+    """
     path = gpt2_ranks_path()
     if path.exists():
+        # checked here, not by tiktoken, whose hash mismatch says "please try again": retrying never fixes a file
+        if sha256_of(path) != GPT2_RANKS_SHA256:
+            raise ValueError(f"{path}: not GPT-2's BPE ranks file (its sha256 differs: truncated or corrupt); "
+                             "delete it and run `python prepare.py` to fetch it again")
         ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_RANKS_SHA256)
         return tiktoken.Encoding(
             name="gpt2",
@@ -51,7 +62,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline and no cached ranks file
-        raise RuntimeError(
+        raise ValueError(
             f"GPT-2 BPE ranks not found at {path} and tiktoken could not download them ({type(e).__name__}); "
             "run `python prepare.py` (or `make demo`) to cache them"
         ) from None

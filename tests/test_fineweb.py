@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from tokenizer import gpt2_encoding
+from tokenizer import gpt2_encoding, gpt2_ranks_path
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -392,3 +392,76 @@ def test_unwritable_out_dir_is_refused_before_anything_is_read(tmp_path, monkeyp
     assert msg == (f"error: --out_dir {out}: {out.parent} is not writable (read-only?); make it writable or pick "
                    "another --out_dir")
     assert list(out.parent.iterdir()) == []
+
+
+def test_io_error_without_a_file_name_names_out_dir(tmp_path, monkeypatch):
+    """A failed write to an open shard carries no file name: the one line names --out_dir instead."""
+    (tmp_path / "doc.txt").write_text("some text")
+    out = tmp_path / "o"
+
+    def broken(f, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fineweb, "write_bytes", broken)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(out), "--num_proc", "1"])
+    assert str(e.value.code) == f"error: {out}: Input/output error; check the path and permissions"
+
+
+def test_a_file_matched_by_two_patterns_is_tokenized_once(tmp_path):
+    for name, text in (("a.txt", "first"), ("b.txt", "second")):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a_again.txt").symlink_to(tmp_path / "a.txt")  # the same file by another path
+    patterns = [str(tmp_path / "*.txt"), str(tmp_path / "a.txt"), str(tmp_path / "sub" / "*.txt")]
+    assert fineweb.resolve_data_files(patterns) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    out = tmp_path / "o"
+    fineweb.main(["--data_files", *patterns, "--out_dir", str(out), "--num_proc", "1"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_documents"] == 2 and len(manifest["source"]["files"]) == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num_proc", "-1"], "--num_proc must be 0 (every core) or a positive number of processes, got -1"),
+    (["--name", "sample-100BT"], "--name does not apply to --data_files"),
+    (["--dataset", "someone/corpus", "--revision", "main"], "--dataset, --revision do not apply to --data_files"),
+])
+def test_out_of_range_or_ignored_options_are_refused_in_one_line(tmp_path, extra, message):
+    (tmp_path / "doc.txt").write_text("some text")
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(out)] + extra)
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {message}") and "\n" not in msg, msg
+    assert not out.exists()
+
+
+def test_a_revision_that_cannot_be_pinned_is_a_one_line_warning(monkeypatch, capsys):
+    import huggingface_hub
+
+    class OfflineApi:
+        def dataset_info(self, *args, **kwargs):
+            raise OSError("cannot reach the hub\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    assert fineweb.resolve_revision(fineweb.JobConfig()) is None
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not look up the current revision of HuggingFaceFW/fineweb-edu (OSError: "
+                          "cannot reach the hub)") and "--revision" in err and err.count("\n") == 1, err
+
+
+def test_damaged_gpt2_ranks_file_is_a_one_line_error(tmp_path, monkeypatch):
+    ranks = tmp_path / "cache" / "gpt2.tiktoken"
+    ranks.parent.mkdir()
+    ranks.write_bytes(gpt2_ranks_path().read_bytes()[:100_000])
+    (tmp_path / "doc.txt").write_text("some text")
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(ranks.parent))
+    gpt2_encoding.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as e:
+            fineweb.main(["--data_files", str(tmp_path / "doc.txt"), "--out_dir", str(tmp_path / "o"),
+                          "--num_proc", "1"])
+    finally:
+        gpt2_encoding.cache_clear()  # later tests rebuild the encoding from the real file
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {ranks}: ") and "python prepare.py" in msg and "\n" not in msg, msg

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import hellaswag
 from checkpoint import load_model, model_checkpoint_fields, save_checkpoint
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer, gpt2_encoding
+from tokenizer import get_tokenizer, gpt2_encoding, gpt2_ranks_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -429,3 +429,76 @@ def test_packed_scoring_with_model_options_matches_naive(examples, options):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, **options)).eval()
     assert_matches_naive(hellaswag.evaluate(model, examples, batch_size=8), naive_scores(model, examples))
+
+
+def test_line_that_is_not_utf8_names_file_and_line(tmp_path, examples):
+    path = tmp_path / "hs.jsonl"
+    path.write_bytes((json.dumps(examples[0]) + "\n" + json.dumps(examples[1]) + "\n").encode()
+                     + b'{"ctx": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(hellaswag.HellaSwagError) as e:
+        hellaswag.load_examples(jsonl=path)
+    assert str(e.value).startswith(f"{path}:3: not UTF-8 text") and "\n" not in str(e.value)
+
+
+@pytest.fixture
+def cli_checkpoint(tmp_path, model, examples, monkeypatch):
+    """A checkpoint and a jsonl for the CLI; evaluation fails the test if it is reached."""
+    ckpt = tmp_path / "ckpt_0000010.pt"
+    save_checkpoint(model_checkpoint_fields(model, get_tokenizer("gpt2")), ckpt)
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the bad --predictions was refused")
+
+    monkeypatch.setattr(hellaswag, "evaluate", not_reached)
+    return ["--model", str(ckpt), "--jsonl", write_jsonl(tmp_path / "hs.jsonl", examples), "--limit", "2",
+            "--device", "cpu"]
+
+
+def test_cli_refuses_to_replace_existing_predictions_before_scoring(tmp_path, cli_checkpoint):
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("an earlier run's predictions\n")
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(cli_checkpoint + ["--predictions", str(preds)])
+    assert str(e.value) == f"error: --predictions {preds} already exists; delete it or pick another path"
+    assert preds.read_text() == "an earlier run's predictions\n"
+
+
+def test_cli_predictions_inside_a_file_is_one_line_before_scoring(tmp_path, cli_checkpoint):
+    (tmp_path / "notes").write_text("a file, not a directory")
+    preds = tmp_path / "notes" / "preds.jsonl"
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(cli_checkpoint + ["--predictions", str(preds)])
+    assert str(e.value) == (f"error: --predictions {preds} is inside {tmp_path / 'notes'}, which is a file, not a "
+                            "directory; pick another --predictions")
+
+
+def test_cli_failed_predictions_write_is_one_line_after_the_scores(tmp_path, model, examples, monkeypatch, capsys):
+    """A write that fails after the checks (a full disk, say): the scores are printed all the same."""
+    ckpt = tmp_path / "ckpt_0000010.pt"
+    save_checkpoint(model_checkpoint_fields(model, get_tokenizer("gpt2")), ckpt)
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(hellaswag, "atomic_write_bytes", disk_full)
+    preds = tmp_path / "preds.jsonl"
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["--model", str(ckpt), "--jsonl", write_jsonl(tmp_path / "hs.jsonl", examples), "--limit", "2",
+                        "--device", "cpu", "--predictions", str(preds)])
+    assert str(e.value).startswith(f"error: {preds}: No space left on device; free disk space")
+    assert "acc_norm" in capsys.readouterr().out
+
+
+def test_cli_damaged_gpt2_ranks_file_is_one_line(tmp_path, cli_checkpoint, monkeypatch):
+    ranks = tmp_path / "cache" / "gpt2.tiktoken"
+    ranks.parent.mkdir()
+    ranks.write_bytes(gpt2_ranks_path().read_bytes()[:100_000])
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(ranks.parent))
+    gpt2_encoding.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as e:
+            hellaswag.main(cli_checkpoint)
+    finally:
+        gpt2_encoding.cache_clear()  # later tests rebuild the encoding from the real file
+    msg = str(e.value)
+    assert msg.startswith(f"error: {ranks}: ") and "python prepare.py" in msg and "\n" not in msg, msg

@@ -64,3 +64,41 @@ def test_unknown_character_is_named():
 def test_unknown_tokenizer_name():
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """GPT2_REPRO_CACHE set to an empty directory; yields the real ranks file. The encoding cached by earlier
+    tests is dropped before and after, so later tests rebuild it from the real file."""
+    from tokenizer import gpt2_encoding
+
+    real = gpt2_ranks_path()
+    monkeypatch.setenv("GPT2_REPRO_CACHE", str(tmp_path))
+    gpt2_encoding.cache_clear()
+    yield real
+    gpt2_encoding.cache_clear()
+
+
+def test_damaged_ranks_file_is_named_with_the_fix(empty_cache, tmp_path):
+    """tiktoken's own check would say "hash mismatch ... please try again", which never helps."""
+    from tokenizer import gpt2_encoding
+
+    damaged = tmp_path / "gpt2.tiktoken"
+    damaged.write_bytes(empty_cache.read_bytes()[:100_000])  # a download cut short
+    with pytest.raises(ValueError) as e:
+        gpt2_encoding()
+    msg = str(e.value)
+    assert msg.startswith(f"{damaged}: not GPT-2's BPE ranks file") and "python prepare.py" in msg
+    assert "\n" not in msg and "try again" not in msg.lower()
+
+
+def test_missing_ranks_file_offline_is_a_value_error_naming_the_fix(empty_cache, tmp_path, monkeypatch):
+    """A ValueError, so every stage's one_line_errors shows it as one line."""
+    import tokenizer
+
+    def offline(name):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
+    with pytest.raises(ValueError, match=f"not found at {tmp_path / 'gpt2.tiktoken'}.*python prepare.py"):
+        tokenizer.gpt2_encoding()
