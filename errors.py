@@ -81,5 +81,5 @@ def one_line_errors(oom_advice: str = OOM_ADVICE, path: str | Path = "") -> Iter
         if is_out_of_memory(e):
             sys.exit(f"error: out of memory; {oom_advice}")
         if is_compile_failure(e):
-            sys.exit(f"error: torch.compile failed ({first_line(e)}); pass --compile false, or fix the C compiler")
+            sys.exit(f"error: torch.compile failed ({first_line(e)}); turn --compile off, or fix the C compiler")
         raise
