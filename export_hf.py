@@ -32,7 +32,7 @@ import torch
 
 from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from fileio import public_mode, sha256_of
-from model import CONV1D_WEIGHTS, GPT, GPTConfig
+from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 
 OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"
@@ -111,21 +111,15 @@ def unexportable_option(config: GPTConfig) -> str:
 
 
 def hf_config(config: GPTConfig, vocab_size: int, eot: int | None):
-    """The `transformers` GPT2Config of our model with `vocab_size` rows (GELU tanh = 'gelu_new', LN eps 1e-5)."""
+    """The `transformers` GPT2Config of our model with `vocab_size` rows (options as `model.hf_config_fields`)."""
     from transformers import GPT2Config
 
     return GPT2Config(
         vocab_size=vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        activation_function="relu2" if config.mlp == "relu2" else "gelu_new",
-        layer_norm_epsilon=1e-5,
+        **hf_config_fields(config),  # the same table GPT.from_pretrained reads them back with
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
-        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=eot,
         eos_token_id=eot,
         architectures=["GPT2LMHeadModel"],

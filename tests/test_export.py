@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import export_hf
-from checkpoint import model_checkpoint_fields, save_checkpoint
+from checkpoint import load_model, model_checkpoint_fields, save_checkpoint
 from model import GPT, BigramLanguageModel, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -23,10 +23,11 @@ PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # OpenAI GPT-2's encoding of PROMPT
 
 
-def random_gpt(vocab_size: int, bias: bool = True, seed: int = 0) -> GPT:
+def random_gpt(vocab_size: int, bias: bool = True, seed: int = 0, **options) -> GPT:
     """A tiny GPT whose every parameter is random, so a transposed, swapped or dropped tensor changes the logits."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, bias=bias))
+    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, bias=bias,
+                          **options))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -228,3 +229,16 @@ def test_relu2_and_untied_head_export_with_matching_logits(tmp_path):
     save_checkpoint({**model_checkpoint_fields(model, tokenizer), "step": 1}, tmp_path / "c.pt")
     summary = export_hf.export(tmp_path / "c.pt", tmp_path / "hf")  # verifies the logits itself
     assert summary["max_logit_diff"] is not None and summary["max_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("options", [{"mlp": "relu2"}, {"tie_embeddings": False}, {"mlp": "relu2", "bias": False}])
+def test_export_loads_back_as_the_same_model(tmp_path, options):
+    """load_model on an export rebuilds the options (relu2, an untied head) and computes the same logits."""
+    tok = get_tokenizer("char", text="abcdefghij ")
+    model = random_gpt(tok.vocab_size, seed=7, **options)
+    export_hf.export(write_ckpt(tmp_path / "c.pt", model, tok), tmp_path / "hf", verify=False)
+    loaded, _ = load_model(str(tmp_path / "hf"))
+    assert (loaded.config.mlp, loaded.config.tie_embeddings) == (model.config.mlp, model.config.tie_embeddings)
+    idx = torch.randint(0, tok.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (loaded.eval()(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5
