@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import OUR_TOKENIZER_FILE, CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from fileio import public_mode, sha256_of
 from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 
-OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"
 EXPORT_MARKER = "gpt2_repro_export.json"  # what makes a directory an export of ours, and which files are ours
 EXPORT_FORMAT = "gpt2-repro Hugging Face export v1"
 VERIFY_RTOL = 1e-4  # fp32 logits of the same weights through two implementations, relative to their scale

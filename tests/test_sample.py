@@ -228,3 +228,48 @@ def test_prompt_file_empty_line_starts_from_endoftext(tmp_path, capsys):
     want = [model.generate(torch.tensor([ids]), 6, temperature=0, use_cache=False, eot=tok.eot)[0, len(ids) :]
             for ids in (tok.encode("Hello"), [tok.eot], tok.encode("world, again"))]
     assert out == [escape_line(tok.decode([t for t in w.tolist() if t != tok.eot])) for w in want] + [""]
+
+
+def test_sample_from_an_export_uses_the_runs_own_tokenizer(char_ckpt, tmp_path, capsys):
+    """A char run's export samples what its checkpoint samples (its vocabulary is in gpt2_repro_tokenizer.json)."""
+    import export_hf
+
+    export_hf.export(char_ckpt, tmp_path / "hf", verify=False)
+    args = ["--prompt", "abc", "--num_samples", "1", "--max_new_tokens", "15", "--temperature", "0", "--device", "cpu"]
+    main(["--init", str(char_ckpt), *args])
+    want = capsys.readouterr().out
+    main(["--init", str(tmp_path / "hf"), *args])
+    assert capsys.readouterr().out == want
+
+
+def test_sample_from_an_addition_export_answers_as_its_checkpoint(tmp_path, capsys):
+    import export_hf
+    from tokenizer import AdditionTokenizer
+
+    tok = AdditionTokenizer(2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(model_checkpoint_fields(model, tok), tmp_path / "c.pt")
+    export_hf.export(tmp_path / "c.pt", tmp_path / "hf", verify=False)
+    for init in ("c.pt", "hf"):
+        main(["--init", str(tmp_path / init), "--prompt", "12+34=", "--device", "cpu"])
+    want, got = capsys.readouterr().out.splitlines()
+    assert got == want and want  # an untrained model answers anything, but the same from both
+
+
+@pytest.mark.parametrize("case", ["no_tokenizer_file", "broken_tokenizer_file"])
+def test_hf_dir_whose_tokenizer_does_not_fit_is_one_line(tmp_path, case):
+    """A small-vocabulary HF dir with no tokenizer of ours would get GPT-2's 50257 ids: refused, not an IndexError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=1, n_head=2, n_embd=16, n_positions=32)).save_pretrained(tmp_path)
+    if case == "broken_tokenizer_file":
+        (tmp_path / "gpt2_repro_tokenizer.json").write_text('{"name": "char"}', encoding="utf-8")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--init", str(tmp_path), "--device", "cpu",
+                        "--max_new_tokens", "2"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and str(tmp_path) in error[0], r.stderr
+    assert ("50257 ids but the model only 40" if case == "no_tokenizer_file" else "export the checkpoint again") \
+        in error[0]
