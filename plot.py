@@ -4,6 +4,8 @@
     python plot.py out/run-a out/run-b --out compare.png  # several runs on one figure
     python plot.py out/gpt2-350m --baseline 350M          # or none; auto picks it from the run's config
 
+An existing --out is never replaced without --overwrite.
+
 Left: train loss (thin) and val loss (thick) per step, with the val loss of OpenAI's GPT-2 124M checkpoint on
 the FineWeb-EDU val shard. Right: HellaSwag accuracy (acc_norm) with GPT-2's and GPT-3's for the same size.
 `play.ipynb` draws the same figure with these functions.
@@ -226,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl)")
     p.add_argument("--out", default="loss.png", help="PNG to write (default: loss.png)")
     p.add_argument("--baseline", default="auto", help=f"auto, none or a size: {', '.join(BASELINES)}")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     args = p.parse_args(argv)
+    if not args.overwrite and (Path(args.out).exists() or Path(args.out).is_symlink()):  # an earlier figure is kept
+        sys.exit(f"error: --out {args.out}: exists; pass --overwrite to replace it, or choose another --out")
     try:
         runs = load_runs(args.runs)
         baseline = pick_baseline(runs, args.baseline)

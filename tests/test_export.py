@@ -112,11 +112,19 @@ def test_biasless_model_exports_with_zero_biases(tmp_path):
     assert hf_logits_match(model, tmp_path / "hf", tok.vocab_size) <= 1e-4
 
 
-def test_reexport_replaces_previous_export(tmp_path):
+def test_reexport_replaces_previous_export_only_with_overwrite(tmp_path):
     tok = get_tokenizer("char", text="abcdefghij ")
     a, b = random_gpt(11, seed=5), random_gpt(11, seed=6)
     export_hf.export(write_ckpt(tmp_path / "a.pt", a, tok), tmp_path / "hf")
-    export_hf.export(write_ckpt(tmp_path / "b.pt", b, tok), tmp_path / "hf")
+    export_hf.export(tmp_path / "a.pt", tmp_path / "hf", verify=False)  # the same checkpoint again: no flag needed
+    before = tree_digest(tmp_path / "hf")
+    with pytest.raises(SystemExit) as e:  # another checkpoint's export is a result of its own
+        export_hf.main([str(write_ckpt(tmp_path / "b.pt", b, tok)), str(tmp_path / "hf")])
+    assert str(e.value.code) == (f"error: {tmp_path / 'hf'}: holds the export of another checkpoint "
+                                 f"({(tmp_path / 'a.pt').resolve()}); pass --overwrite to replace it, or choose a new "
+                                 "output directory")
+    assert tree_digest(tmp_path / "hf") == before
+    export_hf.main([str(tmp_path / "b.pt"), str(tmp_path / "hf"), "--overwrite"])
     assert hf_logits_match(b, tmp_path / "hf", 11) <= 1e-4
     marker = json.loads((tmp_path / "hf" / export_hf.EXPORT_MARKER).read_text())
     assert marker["checkpoint"] == str((tmp_path / "b.pt").resolve())

@@ -152,3 +152,15 @@ def test_missing_run_dir_and_unknown_baseline(tmp_path):
     write_run(tmp_path / "run", CHAR)
     with pytest.raises(SystemExit, match="error: unknown baseline '2B'"):
         plot.main([str(tmp_path / "run"), "--baseline", "2B", "--out", str(tmp_path / "x.png")])
+
+
+def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
+    write_run(tmp_path / "run", CHAR)
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"an earlier figure")
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path / "run"), "--out", str(out)])
+    assert str(e.value.code) == f"error: --out {out}: exists; pass --overwrite to replace it, or choose another --out"
+    assert out.read_bytes() == b"an earlier figure"
+    plot.main([str(tmp_path / "run"), "--out", str(out), "--overwrite"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
