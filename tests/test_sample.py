@@ -273,3 +273,26 @@ def test_hf_dir_whose_tokenizer_does_not_fit_is_one_line(tmp_path, case):
     assert len(error) == 1 and str(tmp_path) in error[0], r.stderr
     assert ("50257 ids but the model only 40" if case == "no_tokenizer_file" else "export the checkpoint again") \
         in error[0]
+
+
+@pytest.mark.parametrize("flags", ["--temperature 0.5", "--top_k 5", "--top_p 0.9", "--num_samples 2",
+                                   "--max_new_tokens 3", "--seed 1", "--dtype bfloat16", "--no_cache",
+                                   "--decode eager", "--batch_size 4"])
+def test_addition_run_refuses_the_sampling_flags_it_would_ignore(tmp_path, flags):
+    """Each would change nothing (answers are greedy, of a fixed length): one line naming it, not silence."""
+    from tokenizer import AdditionTokenizer
+
+    tok = AdditionTokenizer(2)
+    model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(model_checkpoint_fields(model, tok), tmp_path / "c.pt")
+    (tmp_path / "p.txt").write_text("12+34=\n", encoding="utf-8")
+    problems = ["--prompt_file", str(tmp_path / "p.txt")] if "batch_size" in flags else ["--prompt", "12+34="]
+    with pytest.raises(SystemExit) as e:
+        main(["--init", str(tmp_path / "c.pt"), "--device", "cpu", *problems, *flags.split()])
+    assert str(e.value.code).startswith(f"error: {flags} does not apply to an addition run"), e.value.code
+
+
+@pytest.mark.parametrize("value", ["4", "32"])
+def test_batch_size_without_prompt_file_is_refused(char_ckpt, value):
+    with pytest.raises(SystemExit, match="^error: --batch_size only sets .* --prompt_file"):
+        main(["--init", str(char_ckpt), "--prompt", "abc", "--batch_size", value, "--device", "cpu"])
