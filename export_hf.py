@@ -93,8 +93,9 @@ def save_gpt2_tokenizer(out_dir: Path, model_max_length: int) -> None:
     tok = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     tok.save_pretrained(out_dir)
     # the classic pair too: older transformers and other tools read these
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                        encoding="utf-8")
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +299,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True, ove
         del hf  # the check below loads the files back: one copy fewer in memory for the large sizes
         if tokenizer.name == "gpt2":
             save_gpt2_tokenizer(tmp, model_max_length=model.config.block_size)
-        (tmp / OUR_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n")
+        (tmp / OUR_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
         diff = None
         if verify:
             from transformers import GPT2LMHeadModel

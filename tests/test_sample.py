@@ -92,7 +92,7 @@ def test_stream_text_decodes_each_token_once():
     """Linear time, counted rather than timed: decoding n tokens looks at O(n) ids, not the O(n^2) of re-decoding
     the whole text at every token."""
     tok = get_tokenizer("gpt2")
-    ids = tok.encode(open(ROOT / "input.txt").read()[:20_000]) if (ROOT / "input.txt").exists() else \
+    ids = tok.encode(open(ROOT / "input.txt", encoding="utf-8").read()[:20_000]) if (ROOT / "input.txt").exists() else \
         tok.encode("naïve café 日本語 🙂 " * 500)
     for n in (500, 2000):
         counting = CountingTokenizer(tok)
@@ -175,7 +175,7 @@ def test_prompt_file_completions_with_newlines_stay_on_their_line(tmp_path, caps
     path = tmp_path / "nl.pt"
     save_checkpoint({**model_checkpoint_fields(model, tok), "step": 1}, path)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a\nbb\nc\n")
+    prompts.write_text("a\nbb\nc\n", encoding="utf-8")
     main(["--init", str(path), "--prompt_file", str(prompts), "--max_new_tokens", "3", "--temperature", "0",
           "--device", "cpu"])
     assert capsys.readouterr().out == "\\n\\n\\n\n" * 3
@@ -198,16 +198,17 @@ def test_prompt_file_errors_name_the_file_and_line(char_ckpt, tmp_path, capsys):
         return str(e.value.code)
 
     bad = tmp_path / "bad.txt"
-    bad.write_text("abc\nROMEO:\nab xyz\n")
+    bad.write_text("abc\nROMEO:\nab xyz\n", encoding="utf-8")
     assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 3: character 'x'")
     bad.write_bytes(b"abc\n\xff\xfe\n")
     assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 2: not UTF-8")
-    bad.write_text("abc\n\nab\n")  # the char tokenizer has no <|endoftext|> to start an empty line from
+    # the char tokenizer has no <|endoftext|> to start an empty line from
+    bad.write_text("abc\n\nab\n", encoding="utf-8")
     assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 2: the line is empty")
-    bad.write_text("")
+    bad.write_text("", encoding="utf-8")
     assert "the file is empty" in error("--prompt_file", str(bad))
     assert str(tmp_path / "missing.txt") in error("--prompt_file", str(tmp_path / "missing.txt"))
-    bad.write_text("abc\n")
+    bad.write_text("abc\n", encoding="utf-8")
     assert "--prompt does not go with --prompt_file" in error("--prompt_file", str(bad), "--prompt", "ab")
     assert "--num_samples does not go with" in error("--prompt_file", str(bad), "--num_samples", "2")
     assert "--batch_size 0 is out of range" in error("--prompt_file", str(bad), "--batch_size", "0")
@@ -220,7 +221,7 @@ def test_prompt_file_empty_line_starts_from_endoftext(tmp_path, capsys):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Hello\n\nworld, again\n")
+    prompts.write_text("Hello\n\nworld, again\n", encoding="utf-8")
     main(["--init", str(tmp_path / "hf"), "--prompt_file", str(prompts), "--max_new_tokens", "6", "--temperature",
           "0", "--device", "cpu"])
     out = capsys.readouterr().out.split("\n")
