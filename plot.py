@@ -93,12 +93,24 @@ def load_run(run_dir: str | Path) -> Run:
     metrics = path if path.is_file() else path / "metrics.jsonl"
     if not metrics.exists():
         raise ValueError(f"{metrics}: no such file; pass a run directory written by train_gpt2.py --out_dir")
-    config_path = metrics.parent / "config.json"
+    return Run(metrics.parent.name or str(metrics.parent), metrics.parent, read_metrics(metrics),
+               read_config(metrics.parent / "config.json"))
+
+
+def read_config(path: Path) -> dict:
+    """A run's config.json as a dict ({} when there is none); anything but a JSON object is a ValueError naming it."""
+    if not path.exists():
+        return {}
+    fix = "fix it, or move it away to plot without it"
     try:
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e.msg})") from None
-    return Run(metrics.parent.name or str(metrics.parent), metrics.parent, read_metrics(metrics), config)
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not the object train_gpt2.py writes; {fix}")
+    return config
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[Run]:

@@ -165,3 +165,14 @@ def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
     assert out.read_bytes() == b"an earlier figure"
     plot.main([str(tmp_path / "run"), "--out", str(out), "--overwrite"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content, reason", [(b"[1, 2]", "holds a JSON list"), (b"\xff\xfe{}", "not UTF-8 text"),
+                                             (b'{"preset": ', "not valid JSON")])
+def test_bad_config_is_a_one_line_error_naming_the_file(tmp_path, content, reason):
+    write_run(tmp_path / "run", CHAR)
+    (tmp_path / "run" / "config.json").write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path / "run"), "--out", str(tmp_path / "loss.png")])
+    assert str(e.value.code).startswith(f"error: {tmp_path / 'run' / 'config.json'}: {reason}"), e.value.code
+    assert "\n" not in str(e.value.code) and not (tmp_path / "loss.png").exists()
