@@ -28,6 +28,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from checkpoint import OUR_TOKENIZER_FILE, CheckpointError, latest_checkpoint, l
 from fileio import public_mode, sha256_of
 from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
+
+if TYPE_CHECKING:  # imported where used: transformers is slow to import
+    from transformers import GPT2Config, GPT2LMHeadModel
 
 EXPORT_MARKER = "gpt2_repro_export.json"  # what makes a directory an export of ours, and which files are ours
 EXPORT_FORMAT = "gpt2-repro Hugging Face export v1"
@@ -111,7 +115,7 @@ def unexportable_option(config: GPTConfig) -> str:
     return ""
 
 
-def hf_config(config: GPTConfig, vocab_size: int, eot: int | None):
+def hf_config(config: GPTConfig, vocab_size: int, eot: int | None) -> GPT2Config:
     """The `transformers` GPT2Config of our model with `vocab_size` rows (options as `model.hf_config_fields`)."""
     from transformers import GPT2Config
 
@@ -140,7 +144,7 @@ def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf_model(model: GPT, vocab_size: int, eot: int | None):
+def to_hf_model(model: GPT, vocab_size: int, eot: int | None) -> GPT2LMHeadModel:
     """A `transformers.GPT2LMHeadModel` computing the same logits as `model` over the first `vocab_size` ids."""
     from transformers import GPT2LMHeadModel
 
@@ -157,7 +161,7 @@ def to_hf_model(model: GPT, vocab_size: int, eot: int | None):
 
 
 @torch.no_grad()
-def max_logit_diff(model: GPT, hf, vocab_size: int, seed: int = 0) -> tuple[float, float]:
+def max_logit_diff(model: GPT, hf: GPT2LMHeadModel, vocab_size: int, seed: int = 0) -> tuple[float, float]:
     """Largest |logit difference| between our model and the exported one on random tokens, and the logits' scale."""
     g = torch.Generator().manual_seed(seed)
     T = min(model.config.block_size, 64)

@@ -20,9 +20,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fileio import atomic_write_bytes
 from gpt2_sizes import HF_MODELS, size_of_shape
+
+if TYPE_CHECKING:  # imported where used: matplotlib is slow to import
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def _loss_ylim(values: list[float], baseline: float | None) -> tuple[float, floa
     return lo - pad, hi + pad
 
 
-def plot_runs(runs: list[Run], baseline: Baseline | None = None):
+def plot_runs(runs: list[Run], baseline: Baseline | None = None) -> Figure:
     """The two-panel figure (a matplotlib Figure, no pyplot state) for one or more runs."""
     from matplotlib.figure import Figure
 
@@ -220,7 +224,7 @@ def plot_runs(runs: list[Run], baseline: Baseline | None = None):
     return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """PNG written whole or not at all."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
