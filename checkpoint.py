@@ -206,6 +206,26 @@ def is_training_config(path: Path) -> bool:
     return isinstance(config, dict) and any(k in config for k in TRAINING_CONFIG_KEYS)
 
 
+OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"  # our tokenizer's to_dict(), written by export_hf.py into an export
+
+
+def hf_dir_tokenizer(spec: str, model: LanguageModel) -> Tokenizer:
+    """The tokenizer export_hf.py recorded in a Hugging Face dir (char and addition runs need it), else GPT-2's."""
+    path = Path(spec) / OUR_TOKENIZER_FILE
+    if not path.is_file():
+        tokenizer = get_tokenizer("gpt2")
+    else:
+        try:
+            tokenizer = tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a tokenizer export_hf.py wrote ({type(e).__name__}: {first_line(e)}); "
+                             "export the checkpoint again") from None
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"{spec}: its {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}; this model needs the tokenizer it was trained with")
+    return tokenizer
+
+
 def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tokenizer]:
     """`gpt2`-family name, a local Hugging Face directory, a run directory (its newest checkpoint) or a file."""
     path = Path(spec)
@@ -215,7 +235,8 @@ def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tok
         raise ValueError(f"{spec}: no checkpoints in {spec} yet (it is a train_gpt2.py run dir with no ckpt_*.pt); "
                          "wait for its first checkpoint (--ckpt_interval) or pass a checkpoint file")
     if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
-        return GPT.from_pretrained(spec), get_tokenizer("gpt2")
+        model = GPT.from_pretrained(spec)
+        return model, hf_dir_tokenizer(spec, model)
     if path.is_dir():
         newest = latest_checkpoint(path)
         if newest is None:

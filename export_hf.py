@@ -15,7 +15,8 @@ against ours.
 The export is written to a new directory and renamed into place. `gpt2_repro_export.json` in it names the source
 checkpoint (and its sha256) and every file written; an existing OUT_DIR is replaced only when it is such an export
 holding nothing else, so a run directory, a checkpoint's own directory or any directory with files of someone
-else's is never touched.
+else's is never touched; and an export of another checkpoint only with `--overwrite` (the same checkpoint, by
+sha256, is simply exported again).
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import OUR_TOKENIZER_FILE, CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from fileio import public_mode, sha256_of
-from model import CONV1D_WEIGHTS, GPT, GPTConfig
+from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 
-OUR_TOKENIZER_FILE = "gpt2_repro_tokenizer.json"
+if TYPE_CHECKING:  # imported where used: transformers is slow to import
+    from transformers import GPT2Config, GPT2LMHeadModel
+
 EXPORT_MARKER = "gpt2_repro_export.json"  # what makes a directory an export of ours, and which files are ours
 EXPORT_FORMAT = "gpt2-repro Hugging Face export v1"
 VERIFY_RTOL = 1e-4  # fp32 logits of the same weights through two implementations, relative to their scale
@@ -93,8 +97,9 @@ def save_gpt2_tokenizer(out_dir: Path, model_max_length: int) -> None:
     tok = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     tok.save_pretrained(out_dir)
     # the classic pair too: older transformers and other tools read these
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                        encoding="utf-8")
 
 
 # -----------------------------------------------------------------------------
@@ -110,22 +115,16 @@ def unexportable_option(config: GPTConfig) -> str:
     return ""
 
 
-def hf_config(config: GPTConfig, vocab_size: int, eot: int | None):
-    """The `transformers` GPT2Config of our model with `vocab_size` rows (GELU tanh = 'gelu_new', LN eps 1e-5)."""
+def hf_config(config: GPTConfig, vocab_size: int, eot: int | None) -> GPT2Config:
+    """The `transformers` GPT2Config of our model with `vocab_size` rows (options as `model.hf_config_fields`)."""
     from transformers import GPT2Config
 
     return GPT2Config(
         vocab_size=vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        activation_function="relu2" if config.mlp == "relu2" else "gelu_new",
-        layer_norm_epsilon=1e-5,
+        **hf_config_fields(config),  # the same table GPT.from_pretrained reads them back with
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
-        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=eot,
         eos_token_id=eot,
         architectures=["GPT2LMHeadModel"],
@@ -145,7 +144,7 @@ def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf_model(model: GPT, vocab_size: int, eot: int | None):
+def to_hf_model(model: GPT, vocab_size: int, eot: int | None) -> GPT2LMHeadModel:
     """A `transformers.GPT2LMHeadModel` computing the same logits as `model` over the first `vocab_size` ids."""
     from transformers import GPT2LMHeadModel
 
@@ -162,7 +161,7 @@ def to_hf_model(model: GPT, vocab_size: int, eot: int | None):
 
 
 @torch.no_grad()
-def max_logit_diff(model: GPT, hf, vocab_size: int, seed: int = 0) -> tuple[float, float]:
+def max_logit_diff(model: GPT, hf: GPT2LMHeadModel, vocab_size: int, seed: int = 0) -> tuple[float, float]:
     """Largest |logit difference| between our model and the exported one on random tokens, and the logits' scale."""
     g = torch.Generator().manual_seed(seed)
     T = min(model.config.block_size, 64)
@@ -188,20 +187,28 @@ def resolve_checkpoint(spec: str | Path) -> Path:
     return path
 
 
-def _owned_files(out_dir: Path) -> set[str] | None:
-    """The files an earlier export recorded in its marker (the marker included); None when it is not our export."""
+def _marker(out_dir: Path) -> dict | None:
+    """The marker of an earlier export in `out_dir`; None when there is none or it is not ours."""
     try:
-        marker = json.loads((out_dir / EXPORT_MARKER).read_text())
+        marker = json.loads((out_dir / EXPORT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT or not isinstance(marker.get("files"),
                                                                                                  list):
         return None
-    return {str(f) for f in marker["files"]} | {EXPORT_MARKER}
+    return marker
 
 
-def check_replaceable(out_dir: Path) -> None:
-    """Refuse an OUT_DIR that holds anything export_hf.py did not write: only a previous export is replaced."""
+def _owned_files(out_dir: Path) -> set[str] | None:
+    """The files an earlier export recorded in its marker (the marker included); None when it is not our export."""
+    marker = _marker(out_dir)
+    return None if marker is None else {str(f) for f in marker["files"]} | {EXPORT_MARKER}
+
+
+def check_replaceable(out_dir: Path, source_sha256: str | None = None) -> None:
+    """Refuse an OUT_DIR that holds anything export_hf.py did not write: only a previous export is replaced. Given
+    the source checkpoint's sha256, an export of another checkpoint is refused too (it is a result of its own;
+    `--overwrite` passes None), while re-exporting the same checkpoint rewrites the same export."""
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if out_dir.is_symlink() or not out_dir.is_dir():
@@ -223,6 +230,10 @@ def check_replaceable(out_dir: Path) -> None:
     if foreign:
         raise ValueError(f"{out_dir / foreign[0]}: not written by export_hf.py, so {out_dir} is not replaced; "
                          f"move that file away or {hint}")
+    previous = _marker(out_dir) or {}
+    if source_sha256 is not None and previous.get("sha256") != source_sha256:
+        raise ValueError(f"{out_dir}: holds the export of another checkpoint ({previous.get('checkpoint')}); pass "
+                         f"--overwrite to replace it, or {hint}")
 
 
 def _make_temp_dir(out_dir: Path) -> Path:
@@ -233,19 +244,19 @@ def _make_temp_dir(out_dir: Path) -> Path:
     return tmp
 
 
-def _write_marker(tmp: Path, path: Path) -> None:
+def _write_marker(tmp: Path, path: Path, sha256: str) -> None:
     """Record the source checkpoint and the files written, after giving them the umask's permissions."""
     files = sorted(p.name for p in tmp.iterdir())
     mode = public_mode()
     for name in files:
         os.chmod(tmp / name, mode)
-    marker = {"format": EXPORT_FORMAT, "checkpoint": str(path.resolve()), "sha256": sha256_of(path), "files": files}
-    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    marker = {"format": EXPORT_FORMAT, "checkpoint": str(path.resolve()), "sha256": sha256, "files": files}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
+def _publish(tmp: Path, out_dir: Path, source_sha256: str | None) -> None:
     """Move the finished export into place; an earlier export is moved aside first and only its own files deleted."""
-    check_replaceable(out_dir)  # again: the directory may have changed while the export was written
+    check_replaceable(out_dir, source_sha256)  # again: the directory may have changed while the export was written
     if not out_dir.exists() or not any(out_dir.iterdir()):
         os.replace(tmp, out_dir)  # a rename onto an empty directory replaces it
         return
@@ -262,12 +273,16 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         print(f"warning: kept {old}: it holds files export_hf.py did not write", file=sys.stderr)
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> dict:
-    """Write the Hugging Face directory for `checkpoint` to `out_dir`; returns a summary dict."""
+def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True, overwrite: bool = False) -> dict:
+    """Write the Hugging Face directory for `checkpoint` to `out_dir`; returns a summary dict. An export of another
+    checkpoint already in `out_dir` is replaced only with `overwrite`."""
     path = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
     ckpt = load_checkpoint(path)
+    sha256 = sha256_of(path)
+    guard = None if overwrite else sha256  # what check_replaceable compares an earlier export's source with
+    check_replaceable(out_dir, guard)
     model = model_from_checkpoint(ckpt, str(path))
     tokenizer: Tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if not isinstance(model, GPT):
@@ -288,7 +303,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> 
         del hf  # the check below loads the files back: one copy fewer in memory for the large sizes
         if tokenizer.name == "gpt2":
             save_gpt2_tokenizer(tmp, model_max_length=model.config.block_size)
-        (tmp / OUR_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n")
+        (tmp / OUR_TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
         diff = None
         if verify:
             from transformers import GPT2LMHeadModel
@@ -296,8 +312,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True) -> 
             diff, scale = max_logit_diff(model, GPT2LMHeadModel.from_pretrained(tmp), vocab_size)
             if not diff <= VERIFY_RTOL * scale:
                 raise RuntimeError(f"exported model disagrees with {path}: max |logit difference| {diff:.3g}")
-        _write_marker(tmp, path)
-        _publish(tmp, out_dir)
+        _write_marker(tmp, path, sha256)
+        _publish(tmp, out_dir, guard)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -317,9 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="checkpoint file (ckpt_*.pt) or run dir (its newest checkpoint)")
     p.add_argument("out_dir", help="directory to write (created; only a previous export there is replaced)")
     p.add_argument("--no_verify", action="store_true", help="skip loading the export back to compare logits")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an export of another checkpoint in OUT_DIR (re-exporting the same one needs no flag)")
     args = p.parse_args(argv)
     try:
-        s = export(args.checkpoint, args.out_dir, verify=not args.no_verify)
+        s = export(args.checkpoint, args.out_dir, verify=not args.no_verify, overwrite=args.overwrite)
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a read-only or full disk, a parent that is a file

@@ -48,7 +48,10 @@ def sample_next(
     """Pick the next token (B,) from last-position logits (B, V); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # the largest logit shifted to 0 first (softmax does the same): a tiny temperature then sends the others to
+    # -inf instead of inf - inf = NaN; below fp32's smallest normal it would round to 0, and 0/0 is NaN again
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))

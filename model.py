@@ -18,6 +18,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,9 @@ from torch.nn import functional as F
 from fileio import refused_object
 from loss import linear_cross_entropy
 from muon import CombinedOptimizer, Muon
+
+if TYPE_CHECKING:  # imported where used: transformers is slow to import
+    from transformers import GPT2Config
 
 # GPT-2's checkpoints store these weights as Conv1D (in, out); nn.Linear wants (out, in)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -434,10 +438,7 @@ class GPT(LanguageModel):
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except Exception as e:
             raise hf_load_error(name_or_dir, e) from None
-        c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, bias=True)
-        model = cls(config)
+        model = cls(config_from_hf(hf.config, name_or_dir))
         model.load_hf_state_dict(hf.state_dict(), source=name_or_dir)
         return model
 
@@ -448,6 +449,11 @@ class GPT(LanguageModel):
         missing = sorted(set(sd) - set(hf_sd))
         if missing:
             raise ValueError(f"{source} has no {missing[0]} (and {len(missing) - 1} more); not a GPT-2 checkpoint")
+        head, wte = hf_sd.get("lm_head.weight"), hf_sd["transformer.wte.weight"]
+        if self.config.tie_embeddings and head is not None and not torch.equal(head, wte):
+            # one tensor here: copying both would silently keep whichever comes last
+            raise ValueError(f"{source}: tie_word_embeddings is true but its lm_head.weight differs from "
+                             "transformer.wte.weight; set tie_word_embeddings to false in its config.json")
         with torch.no_grad():
             for k, dst in sd.items():
                 src = hf_sd[k].t() if k.endswith(CONV1D_WEIGHTS) else hf_sd[k]
@@ -458,6 +464,32 @@ class GPT(LanguageModel):
 
 
 HF_CONFIG_SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")  # the fields GPTConfig takes
+# GPTConfig.mlp as GPT2Config.activation_function: export_hf.py writes the first name, any of them loads
+HF_ACTIVATIONS = {"gelu": ("gelu_new", "gelu_pytorch_tanh"), "relu2": ("relu2",)}
+# GPT2Config fields every GPT of ours has these values of: another value computes something this GPT cannot
+HF_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
+
+
+def hf_config_fields(config: GPTConfig) -> dict:
+    """The GPT2Config fields that describe `config`'s shape and options (vocab, dropout and token ids aside)."""
+    return dict(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                activation_function=HF_ACTIVATIONS[config.mlp][0], tie_word_embeddings=config.tie_embeddings,
+                **HF_FIXED)
+
+
+def config_from_hf(c: GPT2Config, source: str) -> GPTConfig:
+    """The GPTConfig of a `transformers` GPT2Config; a field this GPT cannot reproduce is a ValueError naming
+    `source` (reorder_and_upcast_attn only changes rounding, so it is accepted)."""
+    mlp = next((ours for ours, names in HF_ACTIVATIONS.items() if c.activation_function in names), None)
+    need = {k: (getattr(c, k, v) == v, json.dumps(v)) for k, v in HF_FIXED.items()}  # field: (ok, what it needs)
+    need["activation_function"] = (mlp is not None, " or ".join(n for ns in HF_ACTIVATIONS.values() for n in ns))
+    need["n_inner"] = (getattr(c, "n_inner", None) in (None, 4 * c.n_embd), f"null or {4 * c.n_embd}")
+    for field, (ok, want) in need.items():
+        if not ok:
+            raise ValueError(f"{source}: config.json sets {field} to {getattr(c, field)!r}, which this GPT cannot "
+                             f"compute (it needs {want}); only GPT-2's architecture loads")
+    return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                     n_embd=c.n_embd, bias=True, mlp=mlp, tie_embeddings=bool(c.tie_word_embeddings))
 
 
 def check_hf_config(path: Path) -> None:

@@ -4,6 +4,8 @@
     python plot.py out/run-a out/run-b --out compare.png  # several runs on one figure
     python plot.py out/gpt2-350m --baseline 350M          # or none; auto picks it from the run's config
 
+An existing --out is never replaced without --overwrite.
+
 Left: train loss (thin) and val loss (thick) per step, with the val loss of OpenAI's GPT-2 124M checkpoint on
 the FineWeb-EDU val shard. Right: HellaSwag accuracy (acc_norm) with GPT-2's and GPT-3's for the same size.
 `play.ipynb` draws the same figure with these functions.
@@ -18,9 +20,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fileio import atomic_write_bytes
 from gpt2_sizes import HF_MODELS, size_of_shape
+
+if TYPE_CHECKING:  # imported where used: matplotlib is slow to import
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,24 @@ def load_run(run_dir: str | Path) -> Run:
     metrics = path if path.is_file() else path / "metrics.jsonl"
     if not metrics.exists():
         raise ValueError(f"{metrics}: no such file; pass a run directory written by train_gpt2.py --out_dir")
-    config_path = metrics.parent / "config.json"
+    return Run(metrics.parent.name or str(metrics.parent), metrics.parent, read_metrics(metrics),
+               read_config(metrics.parent / "config.json"))
+
+
+def read_config(path: Path) -> dict:
+    """A run's config.json as a dict ({} when there is none); anything but a JSON object is a ValueError naming it."""
+    if not path.exists():
+        return {}
+    fix = "fix it, or move it away to plot without it"
     try:
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e.msg})") from None
-    return Run(metrics.parent.name or str(metrics.parent), metrics.parent, read_metrics(metrics), config)
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not the object train_gpt2.py writes; {fix}")
+    return config
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[Run]:
@@ -162,7 +180,7 @@ def _loss_ylim(values: list[float], baseline: float | None) -> tuple[float, floa
     return lo - pad, hi + pad
 
 
-def plot_runs(runs: list[Run], baseline: Baseline | None = None):
+def plot_runs(runs: list[Run], baseline: Baseline | None = None) -> Figure:
     """The two-panel figure (a matplotlib Figure, no pyplot state) for one or more runs."""
     from matplotlib.figure import Figure
 
@@ -206,7 +224,7 @@ def plot_runs(runs: list[Run], baseline: Baseline | None = None):
     return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """PNG written whole or not at all."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -226,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl)")
     p.add_argument("--out", default="loss.png", help="PNG to write (default: loss.png)")
     p.add_argument("--baseline", default="auto", help=f"auto, none or a size: {', '.join(BASELINES)}")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     args = p.parse_args(argv)
+    if not args.overwrite and (Path(args.out).exists() or Path(args.out).is_symlink()):  # an earlier figure is kept
+        sys.exit(f"error: --out {args.out}: exists; pass --overwrite to replace it, or choose another --out")
     try:
         runs = load_runs(args.runs)
         baseline = pick_baseline(runs, args.baseline)

@@ -8,6 +8,8 @@ Text is printed as it is generated. With --prompt_file every line of the file is
 batches of --batch_size, and output line i is the completion of input line i alone (no prompt, no header), with
 backslash, newline, carriage return and the other line breaks written as Python escapes (\\, \n, \r, \x0b,
 \u2028, ...) so that every completion stays on its line. An empty line is a prompt of <|endoftext|> alone.
+An addition run answers each problem (--prompt, or every line of --prompt_file) greedily: flags it would not use
+are refused (--temperature 0, greedy, is accepted).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 DEFAULT_NUM_SAMPLES = 4
+DEFAULT_BATCH_SIZE = 32
+# what an addition run never reads: it answers every problem greedily, in the answer's fixed length, in fp32
+ADDITION_IGNORES = ("num_samples", "batch_size", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "dtype",
+                    "no_cache", "decode")
 # what str.splitlines breaks a line at; the backslash too, so that the escapes read back unambiguously
 LINE_ESCAPES = {ord(c): c.encode("unicode_escape").decode("ascii")
                 for c in "\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
@@ -155,9 +161,12 @@ def check_flags(args: argparse.Namespace) -> None:
             if value is not None:
                 sys.exit(f"error: {flag} does not go with --prompt_file (one completion per line of the file); "
                          f"drop {flag}")
+    elif args.batch_size is not None:
+        sys.exit("error: --batch_size only sets how many lines of --prompt_file are generated at once; drop it or "
+                 "give --prompt_file")
     rules = [
         ("--num_samples", args.num_samples, args.num_samples is None or args.num_samples >= 1, "at least 1"),
-        ("--batch_size", args.batch_size, args.batch_size >= 1, "at least 1"),
+        ("--batch_size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "at least 1"),
         ("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 0, "0 or more"),
         ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
          "a finite number >= 0 (0 is greedy)"),
@@ -169,6 +178,16 @@ def check_flags(args: argparse.Namespace) -> None:
             sys.exit(f"error: {flag} {value} is out of range; it must be {need}")
 
 
+def check_addition_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, in one line, a flag an addition run would silently ignore (--temperature 0, greedy, is what it does)."""
+    for dest in ADDITION_IGNORES:
+        value = getattr(args, dest)
+        if value != parser.get_default(dest) and not (dest == "temperature" and value == 0):
+            flag = f"--{dest}" + ("" if isinstance(value, bool) else f" {value}")
+            sys.exit(f"error: {flag} does not apply to an addition run, which answers each problem greedily; drop "
+                     f"--{dest}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="gpt2",
@@ -177,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_samples", type=int, default=None, help=f"default: {DEFAULT_NUM_SAMPLES}")
     p.add_argument("--prompt_file", default=None,
                    help="a prompt per line; prints a completion per line, in order (see above)")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts generated at once with --prompt_file")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"prompts generated at once with --prompt_file (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=50)
@@ -196,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_model(args.init)
         model.to(device).eval()
         if tokenizer.name == "addition":  # a problem has one answer: greedy, in normal digit order
+            check_addition_flags(args, p)
             problems = problem_lines(args.prompt_file, tokenizer) if args.prompt_file else [args.prompt or ""]
             print("\n".join(answer_problems(model, tokenizer, problems, device)), flush=True)
             return
@@ -204,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                         use_cache=not args.no_cache, decode=args.decode)
         if args.prompt_file is not None:
             prompts = read_prompts(args.prompt_file, tokenizer)
-            for line in complete_lines(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, device,
-                                       dtype, **sampling):
+            for line in complete_lines(model, tokenizer, prompts, args.batch_size or DEFAULT_BATCH_SIZE,
+                                       args.max_new_tokens, device, dtype, **sampling):
                 print(line, flush=True)
             return
         for i in range(args.num_samples or DEFAULT_NUM_SAMPLES):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import export_hf
-from checkpoint import model_checkpoint_fields, save_checkpoint
+from checkpoint import load_model, model_checkpoint_fields, save_checkpoint
 from model import GPT, BigramLanguageModel, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -23,10 +23,11 @@ PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # OpenAI GPT-2's encoding of PROMPT
 
 
-def random_gpt(vocab_size: int, bias: bool = True, seed: int = 0) -> GPT:
+def random_gpt(vocab_size: int, bias: bool = True, seed: int = 0, **options) -> GPT:
     """A tiny GPT whose every parameter is random, so a transposed, swapped or dropped tensor changes the logits."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, bias=bias))
+    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, bias=bias,
+                          **options))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -77,9 +78,9 @@ def test_tokenizer_matches_tiktoken(gpt2_export):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  Ünïcödé 日本語 🙂 it's 3.14159  \t end"
     assert tok(text)["input_ids"] == ref.encode(text)
     assert tok.decode(ref.encode(text)) == text
-    merges = (out / "merges.txt").read_text().splitlines()
+    merges = (out / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert merges[0].startswith("#version") and len(merges) == 1 + 50000 and merges[1] == "Ġ t"
-    assert json.loads((out / "vocab.json").read_text())["Hello"] == 15496
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8"))["Hello"] == 15496
 
 
 def test_pipeline_generates_our_greedy_tokens(gpt2_export):
@@ -93,14 +94,15 @@ def test_pipeline_generates_our_greedy_tokens(gpt2_export):
 
 
 def test_char_checkpoint_exports_model_and_says_tokenizer_is_ours(tmp_path, capsys):
-    text = open("input.txt").read()[:5000] if os.path.exists("input.txt") else "hello world, to be or not to be\n"
+    text = (open("input.txt", encoding="utf-8").read()[:5000] if os.path.exists("input.txt")
+            else "hello world, to be or not to be\n")
     tok = get_tokenizer("char", text=text)
     model = random_gpt(tok.vocab_size, seed=3)
     ckpt = write_ckpt(tmp_path / "ckpt_0000001.pt", model, tok)
     export_hf.main([str(ckpt), str(tmp_path / "hf")])
     assert "not a Hugging Face" in capsys.readouterr().out
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
-    assert json.loads((tmp_path / "hf" / export_hf.OUR_TOKENIZER_FILE).read_text()) == tok.to_dict()
+    assert json.loads((tmp_path / "hf" / export_hf.OUR_TOKENIZER_FILE).read_text(encoding="utf-8")) == tok.to_dict()
     assert hf_logits_match(model, tmp_path / "hf", tok.vocab_size) <= 1e-4
 
 
@@ -111,13 +113,21 @@ def test_biasless_model_exports_with_zero_biases(tmp_path):
     assert hf_logits_match(model, tmp_path / "hf", tok.vocab_size) <= 1e-4
 
 
-def test_reexport_replaces_previous_export(tmp_path):
+def test_reexport_replaces_previous_export_only_with_overwrite(tmp_path):
     tok = get_tokenizer("char", text="abcdefghij ")
     a, b = random_gpt(11, seed=5), random_gpt(11, seed=6)
     export_hf.export(write_ckpt(tmp_path / "a.pt", a, tok), tmp_path / "hf")
-    export_hf.export(write_ckpt(tmp_path / "b.pt", b, tok), tmp_path / "hf")
+    export_hf.export(tmp_path / "a.pt", tmp_path / "hf", verify=False)  # the same checkpoint again: no flag needed
+    before = tree_digest(tmp_path / "hf")
+    with pytest.raises(SystemExit) as e:  # another checkpoint's export is a result of its own
+        export_hf.main([str(write_ckpt(tmp_path / "b.pt", b, tok)), str(tmp_path / "hf")])
+    assert str(e.value.code) == (f"error: {tmp_path / 'hf'}: holds the export of another checkpoint "
+                                 f"({(tmp_path / 'a.pt').resolve()}); pass --overwrite to replace it, or choose a new "
+                                 "output directory")
+    assert tree_digest(tmp_path / "hf") == before
+    export_hf.main([str(tmp_path / "b.pt"), str(tmp_path / "hf"), "--overwrite"])
     assert hf_logits_match(b, tmp_path / "hf", 11) <= 1e-4
-    marker = json.loads((tmp_path / "hf" / export_hf.EXPORT_MARKER).read_text())
+    marker = json.loads((tmp_path / "hf" / export_hf.EXPORT_MARKER).read_text(encoding="utf-8"))
     assert marker["checkpoint"] == str((tmp_path / "b.pt").resolve())
     assert marker["sha256"] == hashlib.sha256((tmp_path / "b.pt").read_bytes()).hexdigest()
     written = sorted(p.name for p in (tmp_path / "hf").iterdir() if p.name != export_hf.EXPORT_MARKER)
@@ -135,7 +145,7 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path):
     tok = get_tokenizer("char", text="abcdefghij ")
     ckpt = write_ckpt(tmp_path / "a.pt", random_gpt(11, seed=5), tok)
     export_hf.export(ckpt, tmp_path / "hf")
-    (tmp_path / "hf" / "README.md").write_text("my notes")
+    (tmp_path / "hf" / "README.md").write_text("my notes", encoding="utf-8")
     before = tree_digest(tmp_path)
     with pytest.raises(ValueError, match="README.md"):
         export_hf.export(ckpt, tmp_path / "hf")
@@ -155,8 +165,8 @@ def test_cli_refuses_to_export_into_a_run_dir_and_leaves_it_byte_identical(tmp_p
     tok = get_tokenizer("char", text="abcdefghij ")
     run = tmp_path / "run"
     write_ckpt(run / "ckpt_0000007.pt", random_gpt(11, seed=5), tok)
-    (run / "config.json").write_text('{"preset": "shakespeare-char", "max_steps": 7}\n')
-    (run / "metrics.jsonl").write_text('{"step": 7, "train_loss": 2.0}\n')
+    (run / "config.json").write_text('{"preset": "shakespeare-char", "max_steps": 7}\n', encoding="utf-8")
+    (run / "metrics.jsonl").write_text('{"step": 7, "train_loss": 2.0}\n', encoding="utf-8")
     other = write_ckpt(tmp_path / "other.pt", random_gpt(11, seed=6), tok)
     before = tree_digest(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -187,13 +197,13 @@ def test_bad_input_is_a_one_line_error(tmp_path, case, capsys):
     tok = get_tokenizer("char", text="abc")
     src, out = tmp_path / "ckpt.pt", tmp_path / "hf"
     if case == "not_a_checkpoint":
-        src.write_text("hello")
+        src.write_text("hello", encoding="utf-8")
     elif case == "bigram":
         write_ckpt(src, BigramLanguageModel(GPTConfig(vocab_size=3)), tok)
     elif case == "occupied_out_dir":
         write_ckpt(src, random_gpt(3), tok)
         out.mkdir()
-        (out / "notes.txt").write_text("mine")
+        (out / "notes.txt").write_text("mine", encoding="utf-8")
     else:
         src = tmp_path / "run"
         src.mkdir()
@@ -203,7 +213,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, case, capsys):
     assert msg.startswith("error: ") and "\n" not in msg
     assert str(out if case == "occupied_out_dir" else src) in msg
     if case == "occupied_out_dir":
-        assert (out / "notes.txt").read_text() == "mine"
+        assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
     else:
         assert not out.exists()
 
@@ -228,3 +238,32 @@ def test_relu2_and_untied_head_export_with_matching_logits(tmp_path):
     save_checkpoint({**model_checkpoint_fields(model, tokenizer), "step": 1}, tmp_path / "c.pt")
     summary = export_hf.export(tmp_path / "c.pt", tmp_path / "hf")  # verifies the logits itself
     assert summary["max_logit_diff"] is not None and summary["max_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("options", [{"mlp": "relu2"}, {"tie_embeddings": False}, {"mlp": "relu2", "bias": False}])
+def test_export_loads_back_as_the_same_model(tmp_path, options):
+    """load_model on an export rebuilds the options (relu2, an untied head) and computes the same logits."""
+    tok = get_tokenizer("char", text="abcdefghij ")
+    model = random_gpt(tok.vocab_size, seed=7, **options)
+    export_hf.export(write_ckpt(tmp_path / "c.pt", model, tok), tmp_path / "hf", verify=False)
+    loaded, _ = load_model(str(tmp_path / "hf"))
+    assert (loaded.config.mlp, loaded.config.tie_embeddings) == (model.config.mlp, model.config.tie_embeddings)
+    idx = torch.randint(0, tok.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (loaded.eval()(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5
+
+
+def test_export_writes_utf8_under_a_non_utf8_locale(tmp_path):
+    """Under LANG=C without UTF-8 mode Python's default text encoding is ASCII: every file is written as UTF-8."""
+    tok = get_tokenizer("char", text="abc é日\n")
+    ckpt = write_ckpt(tmp_path / "c.pt", random_gpt(tok.vocab_size, seed=8), tok)
+    script = ("import sys; from pathlib import Path; import export_hf; "
+              "export_hf.main([sys.argv[1], sys.argv[2], '--no_verify']); "
+              "Path(sys.argv[3]).mkdir(); export_hf.save_gpt2_tokenizer(Path(sys.argv[3]), 32)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", script, str(ckpt), str(tmp_path / "hf"), str(tmp_path / "tok")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf" / export_hf.OUR_TOKENIZER_FILE).read_text(encoding="utf-8")) == tok.to_dict()
+    assert json.loads((tmp_path / "tok" / "vocab.json").read_text(encoding="utf-8"))["Ġthe"] == 262
+    assert (tmp_path / "tok" / "merges.txt").read_text(encoding="utf-8").splitlines()[1] == "Ġ t"

@@ -223,3 +223,42 @@ def test_half_twin_computes_autocast_bit_for_bit_and_follows_weight_updates(opti
     with torch.autocast("cpu", torch.bfloat16):  # the decoding device's own autocast decides, on any device
         assert generate.half_twin(model, torch.device("cpu")) is not model
         assert generate.half_twin(model, torch.device("cuda")) is model
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50, 5e-324])
+def test_tiny_temperature_is_greedy_not_nan(temperature):
+    """logits / 1e-40 overflowed to inf, and softmax(inf - inf) is NaN: multinomial refused it."""
+    logits = torch.randn(8, 101, generator=torch.Generator().manual_seed(0)) * 5
+    for top_k, top_p in ((None, None), (5, None), (None, 0.9)):
+        got = generate.sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+        assert torch.equal(got, logits.argmax(dim=-1))
+
+
+def probs_before_the_shift(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """Reference: sample_next's probabilities as computed before the max was subtracted (logits / temperature)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k, dim=-1).values[:, [-1]], float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        p = sorted_logits.softmax(dim=-1)
+        drop = (p.cumsum(dim=-1) - p) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (50, None), (None, 0.9), (50, 0.9)])
+def test_shift_keeps_probabilities_and_seeded_tokens(monkeypatch, temperature, top_k, top_p):
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(2)) * 4
+    seen, multinomial = [], torch.multinomial  # the probabilities sample_next draws from, recorded
+
+    def recording(probs, *args, **kwargs):
+        seen.append(probs)
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    got = generate.sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(3))
+    want = probs_before_the_shift(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got, multinomial(want, 1, generator=torch.Generator().manual_seed(3)).squeeze(-1))

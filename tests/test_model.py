@@ -1,6 +1,8 @@
 """GPT against `transformers.GPT2LMHeadModel`, the KV cache against full recomputation, sampling filters."""
 
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -13,11 +15,12 @@ from model import GPT, BigramLanguageModel, GPTConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def hf_model(n_layer: int, n_head: int, n_embd: int, vocab: int = 97, positions: int = 64) -> GPT2LMHeadModel:
+def hf_model(n_layer: int, n_head: int, n_embd: int, vocab: int = 97, positions: int = 64,
+             **options) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1,
-                     eos_token_id=vocab - 1)
+                     eos_token_id=vocab - 1, **options)
     hf = GPT2LMHeadModel(cfg).eval()
     # random init leaves biases and LayerNorms at 0/1: perturb everything so every weight is checked
     with torch.no_grad():
@@ -66,6 +69,31 @@ def test_from_pretrained_refuses_mismatched_shapes(tmp_path):
     model = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=64))
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(100, 64\)"):
         model.load_hf_state_dict(sd, source="x")
+
+
+@pytest.mark.parametrize("field, value", [("activation_function", "gelu"), ("layer_norm_epsilon", 1e-6),
+                                          ("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                                          ("n_inner", 64), ("tie_word_embeddings", True)])
+def test_from_pretrained_refuses_what_this_gpt_cannot_compute(tmp_path, field, value):
+    """A GPT2Config option with no GPTConfig equivalent, or a tied config whose head differs from wte: one line
+    naming the directory, never a model computing other logits than transformers does."""
+    if field == "tie_word_embeddings":  # both weights saved apart, then the config claims they are one
+        hf_model(1, 2, 32, tie_word_embeddings=False).save_pretrained(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+        (tmp_path / "config.json").write_text(json.dumps({**config, field: value}), encoding="utf-8")
+    else:
+        hf_model(1, 2, 32, **{field: value}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: .*{field}") as e:
+        load_model(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_from_pretrained_accepts_the_other_name_of_gelu_tanh(tmp_path):
+    hf = hf_model(1, 2, 32, activation_function="gelu_pytorch_tanh")
+    hf.save_pretrained(tmp_path)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (GPT.from_pretrained(str(tmp_path)).eval()(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_load_model_unknown_spec_is_clear(tmp_path):

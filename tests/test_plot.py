@@ -12,7 +12,7 @@ def write_run(run_dir, config: dict, seed: int = 0, steps: int = 60) -> dict:
     """A run directory in train_gpt2.py's format; returns the logged values by metric, for an independent check."""
     rng = random.Random(seed)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
     logged = {"train_loss": {}, "val_loss": {}, "hellaswag_acc_norm": {}}
     lines = []
     for step in range(steps):
@@ -28,7 +28,7 @@ def write_run(run_dir, config: dict, seed: int = 0, steps: int = 60) -> dict:
         lines.append({"step": step, "time": t, "train_loss": logged["train_loss"][step], "lr": 1e-3,
                       "grad_norm": 1.0, "dt_ms": 10.0, "tok_per_s": 1e4, "mfu": None})
     lines.append({"step": steps - 1, "time": 99.0, "sample": "Hello, I'm a language model, and"})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     return logged
 
 
@@ -100,13 +100,14 @@ def test_baseline_numbers():
 
 def test_resumed_step_keeps_the_later_value(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 5, "time": 9, "val_loss": 2.5}\n\n')
+    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 5, "time": 9, "val_loss": 2.5}\n\n',
+                    encoding="utf-8")
     assert plot.series(plot.read_metrics(path), "val_loss") == ([5], [2.5])
 
 
 def test_line_being_written_by_a_live_run_is_left_out(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 6, "time": 2, "train_lo')
+    path.write_text('{"step": 5, "time": 1, "val_loss": 3.0}\n{"step": 6, "time": 2, "train_lo', encoding="utf-8")
     assert plot.series(plot.read_metrics(path), "val_loss") == ([5], [3.0])
 
 
@@ -114,9 +115,9 @@ def test_torn_line_the_trainer_wrote_around_is_skipped_with_a_warning(tmp_path, 
     """A crash tears the last line; the resumed trainer ends it with a newline and appends: the rest is kept."""
     run = tmp_path / "run"
     logged = write_run(run, CHAR, steps=30)
-    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     torn = lines[:20] + ['{"step": 17, "time": 8.5, "train_lo\n'] + lines[20:] + ['{"step": 29, "ti\n'] + ["\n"]
-    (run / "metrics.jsonl").write_text("".join(torn))
+    (run / "metrics.jsonl").write_text("".join(torn), encoding="utf-8")
     records = plot.read_metrics(run / "metrics.jsonl")
     for key, values in logged.items():
         assert plot.series(records, key) == (sorted(values), [values[k] for k in sorted(values)])
@@ -137,7 +138,7 @@ def test_torn_line_the_trainer_wrote_around_is_skipped_with_a_warning(tmp_path, 
 def test_bad_metrics_is_a_one_line_error_naming_the_line(tmp_path, content, where):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(content)
+    (run / "metrics.jsonl").write_text(content, encoding="utf-8")
     out = tmp_path / "loss.png"
     with pytest.raises(SystemExit) as e:
         plot.main([str(run), "--out", str(out)])
@@ -152,3 +153,26 @@ def test_missing_run_dir_and_unknown_baseline(tmp_path):
     write_run(tmp_path / "run", CHAR)
     with pytest.raises(SystemExit, match="error: unknown baseline '2B'"):
         plot.main([str(tmp_path / "run"), "--baseline", "2B", "--out", str(tmp_path / "x.png")])
+
+
+def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
+    write_run(tmp_path / "run", CHAR)
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"an earlier figure")
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path / "run"), "--out", str(out)])
+    assert str(e.value.code) == f"error: --out {out}: exists; pass --overwrite to replace it, or choose another --out"
+    assert out.read_bytes() == b"an earlier figure"
+    plot.main([str(tmp_path / "run"), "--out", str(out), "--overwrite"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content, reason", [(b"[1, 2]", "holds a JSON list"), (b"\xff\xfe{}", "not UTF-8 text"),
+                                             (b'{"preset": ', "not valid JSON")])
+def test_bad_config_is_a_one_line_error_naming_the_file(tmp_path, content, reason):
+    write_run(tmp_path / "run", CHAR)
+    (tmp_path / "run" / "config.json").write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path / "run"), "--out", str(tmp_path / "loss.png")])
+    assert str(e.value.code).startswith(f"error: {tmp_path / 'run' / 'config.json'}: {reason}"), e.value.code
+    assert "\n" not in str(e.value.code) and not (tmp_path / "loss.png").exists()

@@ -92,7 +92,7 @@ def test_stream_text_decodes_each_token_once():
     """Linear time, counted rather than timed: decoding n tokens looks at O(n) ids, not the O(n^2) of re-decoding
     the whole text at every token."""
     tok = get_tokenizer("gpt2")
-    ids = tok.encode(open(ROOT / "input.txt").read()[:20_000]) if (ROOT / "input.txt").exists() else \
+    ids = tok.encode(open(ROOT / "input.txt", encoding="utf-8").read()[:20_000]) if (ROOT / "input.txt").exists() else \
         tok.encode("naïve café 日本語 🙂 " * 500)
     for n in (500, 2000):
         counting = CountingTokenizer(tok)
@@ -175,7 +175,7 @@ def test_prompt_file_completions_with_newlines_stay_on_their_line(tmp_path, caps
     path = tmp_path / "nl.pt"
     save_checkpoint({**model_checkpoint_fields(model, tok), "step": 1}, path)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a\nbb\nc\n")
+    prompts.write_text("a\nbb\nc\n", encoding="utf-8")
     main(["--init", str(path), "--prompt_file", str(prompts), "--max_new_tokens", "3", "--temperature", "0",
           "--device", "cpu"])
     assert capsys.readouterr().out == "\\n\\n\\n\n" * 3
@@ -198,16 +198,17 @@ def test_prompt_file_errors_name_the_file_and_line(char_ckpt, tmp_path, capsys):
         return str(e.value.code)
 
     bad = tmp_path / "bad.txt"
-    bad.write_text("abc\nROMEO:\nab xyz\n")
+    bad.write_text("abc\nROMEO:\nab xyz\n", encoding="utf-8")
     assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 3: character 'x'")
     bad.write_bytes(b"abc\n\xff\xfe\n")
     assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 2: not UTF-8")
-    bad.write_text("abc\n\nab\n")  # the char tokenizer has no <|endoftext|> to start an empty line from
+    # the char tokenizer has no <|endoftext|> to start an empty line from
+    bad.write_text("abc\n\nab\n", encoding="utf-8")
     assert error("--prompt_file", str(bad)).startswith(f"error: --prompt_file {bad} line 2: the line is empty")
-    bad.write_text("")
+    bad.write_text("", encoding="utf-8")
     assert "the file is empty" in error("--prompt_file", str(bad))
     assert str(tmp_path / "missing.txt") in error("--prompt_file", str(tmp_path / "missing.txt"))
-    bad.write_text("abc\n")
+    bad.write_text("abc\n", encoding="utf-8")
     assert "--prompt does not go with --prompt_file" in error("--prompt_file", str(bad), "--prompt", "ab")
     assert "--num_samples does not go with" in error("--prompt_file", str(bad), "--num_samples", "2")
     assert "--batch_size 0 is out of range" in error("--prompt_file", str(bad), "--batch_size", "0")
@@ -220,7 +221,7 @@ def test_prompt_file_empty_line_starts_from_endoftext(tmp_path, capsys):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Hello\n\nworld, again\n")
+    prompts.write_text("Hello\n\nworld, again\n", encoding="utf-8")
     main(["--init", str(tmp_path / "hf"), "--prompt_file", str(prompts), "--max_new_tokens", "6", "--temperature",
           "0", "--device", "cpu"])
     out = capsys.readouterr().out.split("\n")
@@ -228,3 +229,71 @@ def test_prompt_file_empty_line_starts_from_endoftext(tmp_path, capsys):
     want = [model.generate(torch.tensor([ids]), 6, temperature=0, use_cache=False, eot=tok.eot)[0, len(ids) :]
             for ids in (tok.encode("Hello"), [tok.eot], tok.encode("world, again"))]
     assert out == [escape_line(tok.decode([t for t in w.tolist() if t != tok.eot])) for w in want] + [""]
+
+
+def test_sample_from_an_export_uses_the_runs_own_tokenizer(char_ckpt, tmp_path, capsys):
+    """A char run's export samples what its checkpoint samples (its vocabulary is in gpt2_repro_tokenizer.json)."""
+    import export_hf
+
+    export_hf.export(char_ckpt, tmp_path / "hf", verify=False)
+    args = ["--prompt", "abc", "--num_samples", "1", "--max_new_tokens", "15", "--temperature", "0", "--device", "cpu"]
+    main(["--init", str(char_ckpt), *args])
+    want = capsys.readouterr().out
+    main(["--init", str(tmp_path / "hf"), *args])
+    assert capsys.readouterr().out == want
+
+
+def test_sample_from_an_addition_export_answers_as_its_checkpoint(tmp_path, capsys):
+    import export_hf
+    from tokenizer import AdditionTokenizer
+
+    tok = AdditionTokenizer(2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(model_checkpoint_fields(model, tok), tmp_path / "c.pt")
+    export_hf.export(tmp_path / "c.pt", tmp_path / "hf", verify=False)
+    for init in ("c.pt", "hf"):
+        main(["--init", str(tmp_path / init), "--prompt", "12+34=", "--device", "cpu"])
+    want, got = capsys.readouterr().out.splitlines()
+    assert got == want and want  # an untrained model answers anything, but the same from both
+
+
+@pytest.mark.parametrize("case", ["no_tokenizer_file", "broken_tokenizer_file"])
+def test_hf_dir_whose_tokenizer_does_not_fit_is_one_line(tmp_path, case):
+    """A small-vocabulary HF dir with no tokenizer of ours would get GPT-2's 50257 ids: refused, not an IndexError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=1, n_head=2, n_embd=16, n_positions=32)).save_pretrained(tmp_path)
+    if case == "broken_tokenizer_file":
+        (tmp_path / "gpt2_repro_tokenizer.json").write_text('{"name": "char"}', encoding="utf-8")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--init", str(tmp_path), "--device", "cpu",
+                        "--max_new_tokens", "2"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and str(tmp_path) in error[0], r.stderr
+    assert ("50257 ids but the model only 40" if case == "no_tokenizer_file" else "export the checkpoint again") \
+        in error[0]
+
+
+@pytest.mark.parametrize("flags", ["--temperature 0.5", "--top_k 5", "--top_p 0.9", "--num_samples 2",
+                                   "--max_new_tokens 3", "--seed 1", "--dtype bfloat16", "--no_cache",
+                                   "--decode eager", "--batch_size 4"])
+def test_addition_run_refuses_the_sampling_flags_it_would_ignore(tmp_path, flags):
+    """Each would change nothing (answers are greedy, of a fixed length): one line naming it, not silence."""
+    from tokenizer import AdditionTokenizer
+
+    tok = AdditionTokenizer(2)
+    model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(model_checkpoint_fields(model, tok), tmp_path / "c.pt")
+    (tmp_path / "p.txt").write_text("12+34=\n", encoding="utf-8")
+    problems = ["--prompt_file", str(tmp_path / "p.txt")] if "batch_size" in flags else ["--prompt", "12+34="]
+    with pytest.raises(SystemExit) as e:
+        main(["--init", str(tmp_path / "c.pt"), "--device", "cpu", *problems, *flags.split()])
+    assert str(e.value.code).startswith(f"error: {flags} does not apply to an addition run"), e.value.code
+
+
+@pytest.mark.parametrize("value", ["4", "32"])
+def test_batch_size_without_prompt_file_is_refused(char_ckpt, value):
+    with pytest.raises(SystemExit, match="^error: --batch_size only sets .* --prompt_file"):
+        main(["--init", str(char_ckpt), "--prompt", "abc", "--batch_size", value, "--device", "cpu"])
