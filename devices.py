@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +18,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FP8_MIN_WIDTH = 1024  # narrower matmuls lose more to FP8's scaling and casts than they gain
 # dense bf16 peak of one GPU, for MFU; matched against torch.cuda.get_device_name (H200 before H100)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def quiet_library_logs() -> None:
+    """Stage scripts call this first. Where torchao is installed, importing it (as `transformers` does) logs a
+    warning per CUDA extension it cannot load (all of them on a CPU-only torch) and torch logs a deprecation per
+    Enum it registers: lines before ours that no user can act on. Errors stay on."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def pick_device(name: str = "auto") -> str:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from checkpoint import OUR_TOKENIZER_FILE, CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from devices import quiet_library_logs
 from fileio import public_mode, sha256_of
 from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
 from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
@@ -329,6 +330,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True, ove
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_logs()
     p = argparse.ArgumentParser(description="Export a gpt2-repro checkpoint to a Hugging Face GPT-2 directory.")
     p.add_argument("checkpoint", help="checkpoint file (ckpt_*.pt) or run dir (its newest checkpoint)")
     p.add_argument("out_dir", help="directory to write (created; only a previous export there is replaced)")

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from devices import DTYPES, autocast, compile_cached, pick_device
+from devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
 from errors import check_writable, one_line_errors
 from fileio import atomic_write_bytes
 from model import GPT
@@ -533,6 +533,7 @@ def check_predictions_path(path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from checkpoint import load_model
 
+    quiet_library_logs()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2-family name, Hugging Face model dir, checkpoint or run dir")
     p.add_argument("--split", default="val", choices=SPLITS)

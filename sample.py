@@ -25,7 +25,7 @@ import torch
 
 from addition import answer_problems
 from checkpoint import load_model
-from devices import autocast, pick_device, pick_dtype
+from devices import autocast, pick_device, pick_dtype, quiet_library_logs
 from errors import describe_os_error
 from generate import DECODE_PATHS, generate_batch
 from model import LanguageModel
@@ -189,6 +189,7 @@ def check_addition_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_logs()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="gpt2",
                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a HF dir, a checkpoint or a run dir")

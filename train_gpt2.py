@@ -74,6 +74,7 @@ from devices import (
     min_over_ranks,
     peak_flops,
     pick_dtype,
+    quiet_library_logs,
     setup_distributed,
     teardown_distributed,
     use_compile_cache,
@@ -735,6 +736,7 @@ def fmt_duration(s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    quiet_library_logs()
     with one_line_errors():
         cfg = parse_config(argv, description=__doc__)
         d = setup_distributed(cfg.device)

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 from bench.common import Row, format_table
+from devices import quiet_library_logs
 
 
 def main() -> None:
+    quiet_library_logs()
     found = pkgutil.iter_modules([str(Path(__file__).parent)])
     names = sorted(m.name for m in found if m.name != "common" and not m.name.startswith("_"))
     p = argparse.ArgumentParser(description=__doc__)
