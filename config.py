@@ -86,7 +86,7 @@ class TrainConfig:
     sample_tokens: int = 32
     sample_prompt: str = "Hello, I'm a language model,"
     log_interval: int = 1  # console line every N steps (metrics.jsonl gets every step)
-    peak_flops: float = 0.0  # per-device peak for MFU; 0 = from the GPU table (no MFU on CPU)
+    peak_flops: float = 0.0  # per-device peak for MFU; 0 = the GPU table, or on CPU the measured matmul peak
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "gpt2-repro"
