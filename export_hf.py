@@ -279,11 +279,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True, ove
     checkpoint already in `out_dir` is replaced only with `overwrite`."""
     path = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir)
-    check_replaceable(out_dir)
-    ckpt = load_checkpoint(path)
     sha256 = sha256_of(path)
     guard = None if overwrite else sha256  # what check_replaceable compares an earlier export's source with
-    check_replaceable(out_dir, guard)
+    check_replaceable(out_dir, guard)  # before the (large) checkpoint is loaded
+    ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path))
     tokenizer: Tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if not isinstance(model, GPT):
