@@ -32,11 +32,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from checkpoint import OUR_TOKENIZER_FILE, CheckpointError, latest_checkpoint, load_checkpoint, model_from_checkpoint
-from devices import quiet_library_logs
-from fileio import public_mode, sha256_of
+from gpt2repro.checkpoint import (
+    OUR_TOKENIZER_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from gpt2repro.devices import quiet_library_logs
+from gpt2repro.fileio import public_mode, sha256_of
+from gpt2repro.tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
-from tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 
 if TYPE_CHECKING:  # imported where used: transformers is slow to import
     from transformers import GPT2Config, GPT2LMHeadModel

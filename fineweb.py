@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from errors import check_writable, first_line, one_line_errors
-from fileio import atomic_write_bytes, sha256_of
-from shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
-from tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
+from gpt2repro.errors import check_writable, first_line, one_line_errors
+from gpt2repro.fileio import atomic_write_bytes, sha256_of
+from gpt2repro.shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
+from gpt2repro.tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
 
 if TYPE_CHECKING:  # datasets is imported where it is used: tokenizer workers never need it
     from datasets import Dataset, IterableDataset

@@ -30,11 +30,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
-from errors import check_writable, one_line_errors
-from fileio import atomic_write_bytes
+from gpt2repro.devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
+from gpt2repro.errors import check_writable, one_line_errors
+from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.tokenizer import Tokenizer, cache_dir, get_tokenizer
 from model import GPT
-from tokenizer import Tokenizer, cache_dir, get_tokenizer
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -531,7 +531,7 @@ def check_predictions_path(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from checkpoint import load_model
+    from gpt2repro.checkpoint import load_model
 
     quiet_library_logs()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from fileio import refused_object
-from loss import linear_cross_entropy
-from muon import CombinedOptimizer, Muon
+from gpt2repro.fileio import refused_object
+from gpt2repro.loss import linear_cross_entropy
+from gpt2repro.muon import CombinedOptimizer, Muon
 
 if TYPE_CHECKING:  # imported where used: transformers is slow to import
     from transformers import GPT2Config
@@ -234,14 +234,14 @@ class LanguageModel(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
         """Yield the next token of every row (B,), `max_new_tokens` times or until every row has hit `eot`;
         see `generate.generate_stream` for the sampling settings."""
-        from generate import generate_stream
+        from gpt2repro.generate import generate_stream
 
         yield from generate_stream(self, idx, max_new_tokens, **kwargs)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens; see `generate.generate_stream`."""
-        from generate import generate
+        from gpt2repro.generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
 

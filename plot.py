@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fileio import atomic_write_bytes
-from gpt2_sizes import HF_MODELS, size_of_shape
+from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.gpt2_sizes import HF_MODELS, size_of_shape
 
 if TYPE_CHECKING:  # imported where used: matplotlib is slow to import
     from matplotlib.figure import Figure

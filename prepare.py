@@ -21,9 +21,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from errors import one_line_errors
-from fileio import atomic_write_bytes, sha256_of
-from tokenizer import GPT2_RANKS_SHA256, gpt2_ranks_path
+from gpt2repro.errors import one_line_errors
+from gpt2repro.fileio import atomic_write_bytes, sha256_of
+from gpt2repro.tokenizer import GPT2_RANKS_SHA256, gpt2_ranks_path
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from addition import answer_problems
-from checkpoint import load_model
-from devices import autocast, pick_device, pick_dtype, quiet_library_logs
-from errors import describe_os_error
-from generate import DECODE_PATHS, generate_batch
+from gpt2repro.addition import answer_problems
+from gpt2repro.checkpoint import load_model
+from gpt2repro.devices import autocast, pick_device, pick_dtype, quiet_library_logs
+from gpt2repro.errors import describe_os_error
+from gpt2repro.generate import DECODE_PATHS, generate_batch
+from gpt2repro.tokenizer import Tokenizer
 from model import LanguageModel
-from tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 DEFAULT_NUM_SAMPLES = 4

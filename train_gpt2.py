@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from addition import AdditionLoader, exact_match, held_out_problems
-from autobatch import candidates, largest_that_fits, try_step
-from checkpoint import (
+from gpt2repro.addition import AdditionLoader, exact_match, held_out_problems
+from gpt2repro.autobatch import candidates, largest_that_fits, try_step
+from gpt2repro.checkpoint import (
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
@@ -52,7 +52,7 @@ from checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from config import (
+from gpt2repro.config import (
     ConfigError,
     TrainConfig,
     auto_batch,
@@ -61,8 +61,8 @@ from config import (
     parse_config,
     preset_batch_size,
 )
-from data import ShardedTokenLoader, TokenLoader, split_tokens
-from devices import (
+from gpt2repro.data import ShardedTokenLoader, TokenLoader, split_tokens
+from gpt2repro.devices import (
     Dist,
     all_mean,
     any_rank,
@@ -79,10 +79,10 @@ from devices import (
     teardown_distributed,
     use_compile_cache,
 )
-from errors import one_line_errors
+from gpt2repro.errors import one_line_errors
+from gpt2repro.rundir import CONFIG_FILE, METRICS_FILE, Metrics, RunLock, write_config
+from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding, tokenizer_from_dict
 from model import MODEL_TYPES, GPTConfig, LanguageModel
-from rundir import CONFIG_FILE, METRICS_FILE, Metrics, RunLock, write_config
-from tokenizer import Tokenizer, get_tokenizer, gpt2_encoding, tokenizer_from_dict
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:

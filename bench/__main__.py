@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bench.common import Row, format_table
-from devices import quiet_library_logs
+from gpt2repro.devices import quiet_library_logs
 
 
 def main() -> None:

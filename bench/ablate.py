@@ -36,7 +36,7 @@ import torch
 
 import train_gpt2
 from bench.common import Row, format_table
-from config import FINEWEB_DIR, TrainConfig
+from gpt2repro.config import FINEWEB_DIR, TrainConfig
 from plot import load_run, series
 
 MUON_LR = 0.04  # the best of 0.02, 0.04 and 0.08 for both models on these budgets (one seed each)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Row, format_table
-from tokenizer import GPT2_EOT, gpt2_encoding
+from gpt2repro.tokenizer import GPT2_EOT, gpt2_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 

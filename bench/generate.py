@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 from bench.common import Row, format_table
-from devices import pick_dtype
-from generate import generate_batch
+from gpt2repro.devices import pick_dtype
+from gpt2repro.generate import generate_batch
 from model import GPT
 
 BATCH = 32  # rows of the batched case (CUDA only: on this CPU it would take minutes)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Row, format_table
-from devices import fp8_unsupported, peak_flops
+from gpt2repro.devices import fp8_unsupported, peak_flops
 
 STEP_TOKENS = 524288
 

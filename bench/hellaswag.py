@@ -24,10 +24,10 @@ import torch
 from torch.nn import functional as F
 
 from bench.common import Row, format_table
-from devices import autocast, pick_dtype
+from gpt2repro.devices import autocast, pick_dtype
+from gpt2repro.tokenizer import get_tokenizer
 from hellaswag import DEFAULT_BATCH_TOKENS, encode_example, evaluate, render_example
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ import torch
 import train_gpt2
 from bench.ablate import GPT2_FLAGS
 from bench.common import Row, format_table
-from cpu_caps import best_seconds, cpu_has_native_bf16, matmul_peak_flops
+from gpt2repro.cpu_caps import best_seconds, cpu_has_native_bf16, matmul_peak_flops
 from model import GPT, GPTConfig
 
 CHAR_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32)  # the preset's shapes

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import config
 from bench import ablate
 from bench.ablate import BASELINE, OPTIONS, Budget, Result
+from gpt2repro import config
 from model import GPTConfig
 from plot import load_run
 from prepare import ensure_shakespeare

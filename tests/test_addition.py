@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from addition import AdditionLoader, exact_match, held_out_problems
-from checkpoint import load_checkpoint
+from gpt2repro.addition import AdditionLoader, exact_match, held_out_problems
+from gpt2repro.checkpoint import load_checkpoint
+from gpt2repro.tokenizer import AdditionTokenizer, get_tokenizer, tokenizer_from_dict
 from model import GPT, GPTConfig, LanguageModel
-from tokenizer import AdditionTokenizer, get_tokenizer, tokenizer_from_dict
 
 
 def naive_layout(a: int, b: int, op: str, digits: int) -> str:
@@ -300,13 +300,13 @@ def test_prompt_file_of_problems_answers_each_line(tmp_path, capsys):
     tok = AdditionTokenizer(2)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
-    from checkpoint import model_checkpoint_fields, save_checkpoint
+    from gpt2repro.checkpoint import model_checkpoint_fields, save_checkpoint
 
     save_checkpoint(model_checkpoint_fields(model, tok), tmp_path / "c.pt")
     (tmp_path / "p.txt").write_text("12+34=\n9+9=\n99+99=\n")
     sample.main(["--init", str(tmp_path / "c.pt"), "--prompt_file", str(tmp_path / "p.txt"), "--device", "cpu"])
     answers = capsys.readouterr().out.splitlines()
-    from addition import answer_problems
+    from gpt2repro.addition import answer_problems
 
     assert answers == answer_problems(model, tok, ["12+34=", "9+9=", "99+99="], "cpu")
     (tmp_path / "bad.txt").write_text("12+34=\n12*3=\n")

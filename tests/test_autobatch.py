@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import train_gpt2
-from autobatch import candidates, largest_that_fits, try_step
-from config import ConfigError, parse_config
-from devices import Dist
+from gpt2repro.autobatch import candidates, largest_that_fits, try_step
+from gpt2repro.config import ConfigError, parse_config
+from gpt2repro.devices import Dist
 from model import GPT, GPTConfig
 
 

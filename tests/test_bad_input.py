@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import export_hf
 import fineweb
 import plot
 import sample
-from checkpoint import model_checkpoint_fields, save_checkpoint
-from fileio import refused_object
+from gpt2repro import config
+from gpt2repro.checkpoint import model_checkpoint_fields, save_checkpoint
+from gpt2repro.fileio import refused_object
+from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 train_gpt2 = pytest.importorskip("train_gpt2")
 

@@ -5,7 +5,7 @@ import platform
 import pytest
 import torch
 
-import cpu_caps
+from gpt2repro import cpu_caps
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_caps.cpu_flags(), reason="needs Linux x86 flags")
@@ -44,7 +44,7 @@ def test_matmul_peak_is_a_rate_and_cached():
 
 
 def test_measurements_leave_the_global_rng_alone():
-    import cpu_caps
+    from gpt2repro import cpu_caps
 
     state = torch.get_rng_state()
     cpu_caps.matmul_peak_flops.__wrapped__(torch.float32, 64, 0.0)

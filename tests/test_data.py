@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import ShardedTokenLoader, TokenLoader, split_tokens
-from tokenizer import GPT2_EOT as EOT
+from gpt2repro.data import ShardedTokenLoader, TokenLoader, split_tokens
+from gpt2repro.tokenizer import GPT2_EOT as EOT
 
 B, T, W = 2, 8, 2  # rows per rank, tokens per row, ranks
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt2
-from checkpoint import load_checkpoint
+from gpt2repro.checkpoint import load_checkpoint
 from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]

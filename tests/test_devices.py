@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt2
-from devices import FP8_MIN_WIDTH, convert_to_fp8, fp8_layers, fp8_unsupported, use_compile_cache
+from gpt2repro.devices import FP8_MIN_WIDTH, convert_to_fp8, fp8_layers, fp8_unsupported, use_compile_cache
 from model import GPT, GPTConfig
 from prepare import ensure_shakespeare
 

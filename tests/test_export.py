@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import export_hf
-from checkpoint import load_model, model_checkpoint_fields, save_checkpoint
+from gpt2repro.checkpoint import load_model, model_checkpoint_fields, save_checkpoint
+from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, BigramLanguageModel, GPTConfig
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Hello, I'm a language model,"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from gpt2repro.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from prepare import ensure_shakespeare
 
 train_gpt2 = pytest.importorskip("train_gpt2")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from tokenizer import gpt2_encoding, gpt2_ranks_path
+from gpt2repro.tokenizer import gpt2_encoding, gpt2_ranks_path
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = 50256

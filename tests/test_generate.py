@@ -4,8 +4,8 @@ step on CPU; the compile fallback."""
 import pytest
 import torch
 
-import generate
-from generate import Decoder, cache_len, generate_batch
+from gpt2repro import generate
+from gpt2repro.generate import Decoder, cache_len, generate_batch
 from model import GPT, BigramLanguageModel, GPTConfig
 
 # prompts of mixed lengths; the longest + NEW runs past block_size (32), so the sliding window is covered too

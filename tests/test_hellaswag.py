@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import hellaswag
-from checkpoint import load_model, model_checkpoint_fields, save_checkpoint
+from gpt2repro.checkpoint import load_model, model_checkpoint_fields, save_checkpoint
+from gpt2repro.tokenizer import get_tokenizer, gpt2_encoding, gpt2_ranks_path
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer, gpt2_encoding, gpt2_ranks_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from loss import default_chunk_rows, linear_cross_entropy
+from gpt2repro.loss import default_chunk_rows, linear_cross_entropy
 from model import GPT, GPTConfig
 
 N, C, V = 37, 16, 50

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from checkpoint import load_model
-from generate import sample_next
+from gpt2repro.checkpoint import load_model
+from gpt2repro.generate import sample_next
 from model import GPT, BigramLanguageModel, GPTConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2repro.muon import CombinedOptimizer, Muon, orthogonalize
 from model import GPT, BigramLanguageModel, GPTConfig
-from muon import CombinedOptimizer, Muon, orthogonalize
 
 
 def svd_parts(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

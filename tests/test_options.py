@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import model_checkpoint_fields, model_from_checkpoint
-from generate import Decoder
+from gpt2repro.checkpoint import model_checkpoint_fields, model_from_checkpoint
+from gpt2repro.generate import Decoder
+from gpt2repro.tokenizer import get_tokenizer
 from model import (
     GPT,
     RMSNORM_EPS,
@@ -20,7 +21,6 @@ from model import (
     apply_rotary,
     rotary_tables,
 )
-from tokenizer import get_tokenizer
 
 SMALL = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import prepare
-from fileio import sha256_of
+from gpt2repro.fileio import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,11 +18,17 @@ import pytest
 import torch
 
 import train_gpt2
-from checkpoint import CheckpointError, list_checkpoints, load_checkpoint, model_checkpoint_fields, save_checkpoint
-from config import BOUNDS, TrainConfig
-from fileio import atomic_write_bytes
+from gpt2repro.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    model_checkpoint_fields,
+    save_checkpoint,
+)
+from gpt2repro.config import BOUNDS, TrainConfig
+from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "ROMEO: to be or not to be, that is the question.\nJULIET: hello world, good night!\n" * 60

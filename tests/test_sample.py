@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import from_checkpoint, model_checkpoint_fields, save_checkpoint
+from gpt2repro.checkpoint import from_checkpoint, model_checkpoint_fields, save_checkpoint
+from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from sample import escape_line, main, stream_text
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +245,7 @@ def test_sample_from_an_export_uses_the_runs_own_tokenizer(char_ckpt, tmp_path, 
 
 def test_sample_from_an_addition_export_answers_as_its_checkpoint(tmp_path, capsys):
     import export_hf
-    from tokenizer import AdditionTokenizer
+    from gpt2repro.tokenizer import AdditionTokenizer
 
     tok = AdditionTokenizer(2)
     torch.manual_seed(0)
@@ -281,7 +281,7 @@ def test_hf_dir_whose_tokenizer_does_not_fit_is_one_line(tmp_path, case):
                                    "--decode eager", "--batch_size 4"])
 def test_addition_run_refuses_the_sampling_flags_it_would_ignore(tmp_path, flags):
     """Each would change nothing (answers are greedy, of a fixed length): one line naming it, not silence."""
-    from tokenizer import AdditionTokenizer
+    from gpt2repro.tokenizer import AdditionTokenizer
 
     tok = AdditionTokenizer(2)
     model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))

@@ -13,9 +13,9 @@ import torch
 
 import export_hf
 import sample
-from checkpoint import CheckpointError, load_checkpoint, load_model, model_checkpoint_fields, save_checkpoint
+from gpt2repro.checkpoint import CheckpointError, load_checkpoint, load_model, model_checkpoint_fields, save_checkpoint
+from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", "venv", ".git", "build", "dist", "node_modules", "__pycache__", "out"}
@@ -124,7 +124,7 @@ def test_project_source_has_no_unsafe_loads():
     files = project_sources()
     names = {p.relative_to(ROOT).as_posix() for p in files}
     # the walk must really see the project (and this file), not an empty or wrong folder
-    assert {"model.py", "checkpoint.py", "tests/test_security.py"} <= names
+    assert {"model.py", "gpt2repro/checkpoint.py", "tests/test_security.py"} <= names
     assert not any(n.startswith(".venv/") for n in names)
     found = [hit for p in files for hit in unsafe_loads(p.read_text(encoding="utf-8"), p.relative_to(ROOT).as_posix())]
     unmarked = [hit for hit in found if not hit.endswith("(unsafe-load-ok)")]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenizer import CharTokenizer, get_tokenizer, gpt2_ranks_path, tokenizer_from_dict
+from gpt2repro.tokenizer import CharTokenizer, get_tokenizer, gpt2_ranks_path, tokenizer_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def no_network(monkeypatch):
 
 
 def test_gpt2_known_ids_without_network(no_network):
-    from tokenizer import gpt2_encoding
+    from gpt2repro.tokenizer import gpt2_encoding
 
     gpt2_encoding.cache_clear()
     assert gpt2_ranks_path().exists(), "run `python prepare.py` first"
@@ -70,7 +70,7 @@ def test_unknown_tokenizer_name():
 def empty_cache(tmp_path, monkeypatch):
     """GPT2_REPRO_CACHE set to an empty directory; yields the real ranks file. The encoding cached by earlier
     tests is dropped before and after, so later tests rebuild it from the real file."""
-    from tokenizer import gpt2_encoding
+    from gpt2repro.tokenizer import gpt2_encoding
 
     real = gpt2_ranks_path()
     monkeypatch.setenv("GPT2_REPRO_CACHE", str(tmp_path))
@@ -81,7 +81,7 @@ def empty_cache(tmp_path, monkeypatch):
 
 def test_damaged_ranks_file_is_named_with_the_fix(empty_cache, tmp_path):
     """tiktoken's own check would say "hash mismatch ... please try again", which never helps."""
-    from tokenizer import gpt2_encoding
+    from gpt2repro.tokenizer import gpt2_encoding
 
     damaged = tmp_path / "gpt2.tiktoken"
     damaged.write_bytes(empty_cache.read_bytes()[:100_000])  # a download cut short
@@ -94,7 +94,7 @@ def test_damaged_ranks_file_is_named_with_the_fix(empty_cache, tmp_path):
 
 def test_missing_ranks_file_offline_is_a_value_error_naming_the_fix(empty_cache, tmp_path, monkeypatch):
     """A ValueError, so every stage's one_line_errors shows it as one line."""
-    import tokenizer
+    from gpt2repro import tokenizer
 
     def offline(name):
         raise OSError("network disabled in this test")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
 import train_gpt2
-from checkpoint import list_checkpoints, load_checkpoint, load_model
+from gpt2repro import config
+from gpt2repro.checkpoint import list_checkpoints, load_checkpoint, load_model
+from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from prepare import ensure_shakespeare
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "shakespeare-char", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards import check_token_ids, find_shards, open_shard
-from tokenizer import GPT2_EOT
+from gpt2repro.shards import check_token_ids, find_shards, open_shard
+from gpt2repro.tokenizer import GPT2_EOT
 
 
 def shuffle_documents(tokens: np.ndarray, eot: int, rng: np.random.Generator) -> np.ndarray:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cpu_caps import cpu_has_native_bf16, matmul_peak_flops
-from tokenizer import cache_dir
+from gpt2repro.cpu_caps import cpu_has_native_bf16, matmul_peak_flops
+from gpt2repro.tokenizer import cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8_MIN_WIDTH = 1024  # narrower matmuls lose more to FP8's scaling and casts than they gain

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from devices import DTYPES
+from gpt2repro.devices import DTYPES
 from model import CONFIG_CHOICES, MODEL_TYPES, OPTIMIZERS
 
 FINEWEB_DIR = "edu_fineweb10B"

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import first_line
-from fileio import atomic_write, refused_object
-from gpt2_sizes import HF_MODELS
+from gpt2repro.errors import first_line
+from gpt2repro.fileio import atomic_write, refused_object
+from gpt2repro.gpt2_sizes import HF_MODELS
+from gpt2repro.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 from model import GPT, MODEL_TYPES, GPTConfig, LanguageModel
-from tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")
 TRAINING_KEYS = ("step", "optimizer", "loader", "rng")

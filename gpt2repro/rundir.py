@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from fileio import atomic_write_bytes
+from gpt2repro.fileio import atomic_write_bytes
 
 try:
     import fcntl

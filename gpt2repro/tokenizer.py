@@ -20,7 +20,7 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 
-from fileio import sha256_of
+from gpt2repro.fileio import sha256_of
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT = 50256

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokenizer import AdditionTokenizer
+from gpt2repro.tokenizer import AdditionTokenizer
 
 HELD_OUT_PERCENT = 1  # of all (op, a, b) problems: 10,000 of the million 3-digit additions
 SPLITS = {"train": 0, "val": 1, "test": 2}  # keys of the random streams, so the splits never share draws

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from devices import autocast
+from gpt2repro.devices import autocast
 
 
 def candidates(upper: int, rows_per_rank: int) -> list[int]:

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from devices import compile_cached, compile_unsupported
-from errors import first_line
+from gpt2repro.devices import compile_cached, compile_unsupported
+from gpt2repro.errors import first_line
 from model import GPT, LanguageModel, StaticKVCache
 
 DECODE_PATHS = ("auto", "eager", "compile", "cudagraphs")
