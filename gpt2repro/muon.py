@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # (a, b, c) of X <- a·X + b·(X·Xᵀ)·X + c·(X·Xᵀ)²·X, each singular value σ -> aσ + bσ³ + cσ⁵. Chosen (Jordan 2024) for
 # the steepest slope at 0, so small σ grow fast, at the price of not converging to 1: after 5 steps every σ of a
@@ -50,6 +51,8 @@ class Muon(torch.optim.Optimizer):
     value projections side by side, three maps that are orthogonalised one by one. The update is scaled by
     sqrt(max(1, m/n)) so a tall matrix's output changes as much per step as a square one's.
     Gradients are used as given: under DDP they are already averaged, so every rank computes the same update.
+    Under FSDP (parameters are DTensors sharded by rows) the momentum stays sharded, each update matrix is
+    gathered whole for the orthogonalisation, and each rank applies its own rows of the result.
     """
 
     def __init__(
@@ -97,10 +100,16 @@ class Muon(torch.optim.Optimizer):
                     by_shape[p.shape].append(p)
             for (rows, cols), ps in by_shape.items():
                 k, m = group["split"], rows // group["split"]
-                updates = torch.stack([self._momentum_update(p, group) for p in ps]).view(len(ps), k, m, cols)
-                ortho = orthogonalize(updates, group["ns_steps"]).view(len(ps), rows, cols)
+                updates = [self._momentum_update(p, group) for p in ps]
+                sharded = isinstance(updates[0], DTensor)
+                if sharded:  # FSDP: Newton–Schulz needs whole matrices; each rank then keeps its own rows
+                    updates = [u.full_tensor() for u in updates]
+                ortho = orthogonalize(torch.stack(updates).view(len(ps), k, m, cols), group["ns_steps"])
+                ortho = ortho.view(len(ps), rows, cols)
                 scale = max(1.0, m / cols) ** 0.5
                 for p, u in zip(ps, ortho.unbind(0), strict=True):
+                    if sharded:  # src_data_rank=None: cut locally, no communication
+                        u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None)
                     if group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
