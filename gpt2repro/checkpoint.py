@@ -178,10 +178,11 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> LanguageMod
     return model
 
 
-def model_checkpoint_fields(model: LanguageModel, tokenizer: Tokenizer) -> dict:
-    """The part of a checkpoint that says what the model is: weights, config, type and tokenizer."""
+def model_checkpoint_fields(model: LanguageModel, tokenizer: Tokenizer, state: dict | None = None) -> dict:
+    """The part of a checkpoint that says what the model is: weights, config, type and tokenizer (`state`: the
+    weights gathered from a sharded model, else the model's own)."""
     return {
-        "model": clean_keys(model.state_dict()),
+        "model": clean_keys(model.state_dict() if state is None else state),
         "model_config": dataclasses.asdict(model.config),
         "model_type": next(k for k, v in MODEL_TYPES.items() if isinstance(model, v)),
         "tokenizer": tokenizer.to_dict(),
@@ -278,6 +279,9 @@ def set_rng_state(state: dict) -> None:
 
 def check_resumable(ckpt: dict, path: Path) -> None:
     """A model-only checkpoint starts a new run (`--init`), it cannot continue one."""
+    if "sharded" in ckpt:  # the model file of a sharded checkpoint: its training state is in the shards
+        raise CheckpointError(f"{path} belongs to a sharded run (its optimizer state is in {ckpt['sharded']}/); "
+                              "resume it with --fsdp true")
     for key in TRAINING_KEYS:
         if key not in ckpt:
             raise CheckpointError(f"{path} has no {key!r}; it is a model-only checkpoint, use --init {path} to "

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 # (a, b, c) of X <- a·X + b·(X·Xᵀ)·X + c·(X·Xᵀ)²·X, each singular value σ -> aσ + bσ³ + cσ⁵. Chosen (Jordan 2024) for
 # the steepest slope at 0, so small σ grow fast, at the price of not converging to 1: after 5 steps every σ of a
@@ -78,13 +78,15 @@ class Muon(torch.optim.Optimizer):
                                      f"split in {group['split']}; give it to AdamW")
 
     def _momentum_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """buf <- μ·buf + g; the update is g + μ·buf with Nesterov, else buf (as torch.optim.SGD, dampening 0)."""
+        """buf <- μ·buf + g; the update is g + μ·buf with Nesterov, else buf (as torch.optim.SGD, dampening 0).
+        Under FSDP the buffer is kept as a DTensor (checkpoints reshard it) and updated through this rank's
+        shard: the returned update is this rank's rows."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        return p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        buf, grad = _local(state["momentum_buffer"]), _local(p.grad)
+        buf.mul_(group["momentum"]).add_(grad)
+        return grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -100,20 +102,45 @@ class Muon(torch.optim.Optimizer):
                     by_shape[p.shape].append(p)
             for (rows, cols), ps in by_shape.items():
                 k, m = group["split"], rows // group["split"]
-                updates = [self._momentum_update(p, group) for p in ps]
-                sharded = isinstance(updates[0], DTensor)
-                if sharded:  # FSDP: Newton–Schulz needs whole matrices; each rank then keeps its own rows
-                    updates = [u.full_tensor() for u in updates]
-                ortho = orthogonalize(torch.stack(updates).view(len(ps), k, m, cols), group["ns_steps"])
+                updates = torch.stack([self._momentum_update(p, group) for p in ps])
+                sharded = isinstance(ps[0], DTensor)
+                if sharded:  # FSDP: Newton–Schulz needs whole matrices, one all-gather per shape
+                    updates = _whole(updates, ps[0])
+                ortho = orthogonalize(updates.view(len(ps), k, m, cols), group["ns_steps"])
                 ortho = ortho.view(len(ps), rows, cols)
+                if sharded:  # each rank applies its own rows of the result
+                    ortho = _own_rows(ortho, ps[0])
                 scale = max(1.0, m / cols) ** 0.5
                 for p, u in zip(ps, ortho.unbind(0), strict=True):
-                    if sharded:  # src_data_rank=None: cut locally, no communication
-                        u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None)
+                    target = _local(p)
                     if group["weight_decay"]:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+                        target.mul_(1 - group["lr"] * group["weight_decay"])
+                    target.add_(u.to(target.dtype), alpha=-group["lr"] * scale)
         return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _stacked_placements(p: DTensor) -> list:
+    """p's placements for a stack of tensors shaped like p: the sharded dim moves one to the right."""
+    return [Shard(pl.dim + 1) if isinstance(pl, Shard) else pl for pl in p.placements]
+
+
+def _whole(local_rows: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """The whole (n, rows, cols) stack from every rank's rows of it (FSDP's shards may be uneven)."""
+    n = local_rows.size(0)
+    shape = (n, *p.shape)
+    stride = (p.shape[0] * p.shape[1], p.shape[1], 1)
+    return DTensor.from_local(local_rows, p.device_mesh, _stacked_placements(p), run_check=False, shape=shape,
+                              stride=stride).full_tensor()
+
+
+def _own_rows(whole: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """This rank's rows of a whole (n, rows, cols) stack, cut as FSDP cuts p, without communication."""
+    return distribute_tensor(whole, p.device_mesh, _stacked_placements(p), src_data_rank=None).to_local()
 
 
 class CombinedOptimizer:

@@ -42,10 +42,23 @@ from torch.distributed.checkpoint.utils import CheckpointException
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from gpt2repro.checkpoint import UnreadableCheckpoint, checkpoint_path, clean_keys
+from gpt2repro.checkpoint import (
+    CheckpointError,
+    UnreadableCheckpoint,
+    checkpoint_path,
+    clean_keys,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    model_checkpoint_fields,
+    set_aside,
+    weights_finite,
+    write_checkpoint,
+)
 from gpt2repro.devices import use_compile_cache
 from gpt2repro.errors import first_line
 from gpt2repro.fileio import refused_object
+from gpt2repro.tokenizer import Tokenizer
 
 MAX_METADATA_BYTES = 256 << 20  # a genuine .metadata is a few kB per tensor
 SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")  # the only files a genuine .metadata points into
@@ -320,3 +333,66 @@ def prune_sharded(out_dir: Path, keep_steps: set[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for tmp in Path(out_dir).glob(".ckpt_*.dcp.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the trainer's checkpoints
+
+
+def write_sharded_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizers: list, tokenizer: Tokenizer,
+                             train_state: dict, keep_last: int, rank: int) -> Path | None:
+    """Step `step`'s shards, then its model file (which marks it complete), then prune to the newest `keep_last`
+    (0 = all). Every rank calls it; returns the model file's path on rank 0. Non-finite weights are never
+    written, so pruning never leaves only diverged checkpoints."""
+    full = full_state_dict(model)  # on rank 0
+    box = [rank != 0 or weights_finite(full)]
+    dist.broadcast_object_list(box, src=0)
+    if not box[0]:
+        raise CheckpointError(f"step {step}: the weights hold NaN or inf; not checkpointed, the earlier checkpoints "
+                              "are kept")
+    shards = save_sharded(sharded_path(out_dir, step), model, optimizers, train_state, rank)
+    path = None
+    if rank == 0:
+        fields = model_checkpoint_fields(model, tokenizer, full) | {"step": step, "sharded": shards.name}
+        path = write_checkpoint(fields, out_dir, step, keep_last)
+        prune_sharded(out_dir, {p.name for p in list_checkpoints(out_dir)})
+    dist.barrier()
+    return path
+
+
+def newest_sharded(out_dir: Path, log=print) -> tuple[Path | None, dict | None]:
+    """The model file of the newest complete sharded checkpoint in `out_dir` (whose shards' metadata is safe to
+    read) and its contents. Interrupted writes (temp dirs, shards without a model file) are removed; an
+    unreadable checkpoint is set aside, model file and shards both, and the next older one is tried."""
+    complete = {p.name for p in list_checkpoints(out_dir)}
+    for path in [*list_sharded(out_dir), *Path(out_dir).glob(".ckpt_*.dcp.tmp")]:
+        if path.with_suffix(".pt").name not in complete or path.name.endswith(".tmp"):
+            log(f"resume: removing {path.name}, left by an interrupted checkpoint write")
+    prune_sharded(out_dir, complete)
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            ckpt = load_checkpoint(path)
+            if "sharded" not in ckpt:
+                raise CheckpointError(f"--resume: {path} was written by a run without --fsdp; resume it with "
+                                      "--fsdp false")
+            read_metadata(path.with_suffix(".dcp"))
+        except UnreadableCheckpoint as e:
+            moved = [set_aside(p).name for p in (path, path.with_suffix(".dcp")) if p.exists()]
+            log(f"resume: skipping {e}; moved aside to {', '.join(moved)}")
+            continue
+        return path, ckpt
+    return None, None
+
+
+def sharded_model_file(spec: Path) -> Path:
+    """`--resume PATH` under --fsdp: a checkpoint's model file, its shards dir, or a run dir (its newest)."""
+    path = spec.with_suffix(".pt") if spec.suffix == ".dcp" else spec
+    if path.is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise CheckpointError(f"--resume {spec}: no ckpt_*.pt in that directory; pass a checkpoint, or --resume "
+                                  "auto to start fresh when there is none")
+        path = newest
+    if not path.with_suffix(".dcp").is_dir():
+        raise CheckpointError(f"--resume {spec}: {path.with_suffix('.dcp').name}/ (the optimizer state of a sharded "
+                              "run) is missing; resume a --fsdp false run with --fsdp false")
+    return path
