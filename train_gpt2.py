@@ -81,6 +81,17 @@ from gpt2repro.devices import (
 )
 from gpt2repro.errors import one_line_errors
 from gpt2repro.rundir import CONFIG_FILE, METRICS_FILE, Metrics, RunLock, write_config
+from gpt2repro.sharding import (
+    clip_grad_norm,
+    ensure_process_group,
+    full_model_on_every_rank,
+    load_sharded,
+    newest_sharded,
+    set_gradient_sync,
+    shard_model,
+    sharded_model_file,
+    write_sharded_checkpoint,
+)
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding, tokenizer_from_dict
 from model import MODEL_TYPES, GPTConfig, LanguageModel
 
@@ -189,9 +200,12 @@ def find_resume(cfg: TrainConfig, d: Dist) -> tuple[Path | None, dict | None]:
     path, ckpt = None, None
     if d.master:
         if cfg.resume == "auto":
-            path, ckpt = newest_resumable(Path(cfg.out_dir))
+            find = newest_sharded if cfg.fsdp else newest_resumable
+            path, ckpt = find(Path(cfg.out_dir))
             if path is None:
                 print(f"resume: no checkpoint in {cfg.out_dir}, starting fresh")
+        elif cfg.fsdp:
+            path = sharded_model_file(Path(cfg.resume))
         else:
             path = Path(cfg.resume)
             if path.is_dir():
@@ -205,7 +219,10 @@ def find_resume(cfg: TrainConfig, d: Dist) -> tuple[Path | None, dict | None]:
         path = Path(box[0]) if box[0] else None
     if path is not None and ckpt is None:
         ckpt = load_checkpoint(path)
-        check_resumable(ckpt, path)
+        if not cfg.fsdp:  # a sharded run's training state is in its shards, read once the model is sharded
+            check_resumable(ckpt, path)
+    if cfg.fsdp and ckpt is not None and "sharded" not in ckpt:
+        raise ConfigError(f"--resume: {path} was written by a run without --fsdp; resume it with --fsdp false")
     return path, ckpt
 
 
@@ -253,7 +270,10 @@ def choose_batch_size(cfg: TrainConfig, d: Dist, model: LanguageModel, dtype: to
     upper = cfg.batch_size or preset_batch_size(cfg.preset)
     rows = max(1, cfg.total_batch_size // (cfg.block_size * d.world_size))
     sizes = candidates(min(upper, rows), rows)
-    if not d.device.startswith("cuda"):  # nothing to probe: the largest that keeps the total batch
+    if cfg.fsdp and d.device.startswith("cuda") and d.master:
+        print(f"batch_size auto: {sizes[0]}, not probed (the probe steps the whole, unsharded model); see "
+              "docs/sharding.md for what fits")
+    if not d.device.startswith("cuda") or cfg.fsdp:  # nothing to probe: the largest that keeps the total batch
         return dataclasses.replace(cfg, batch_size=sizes[0])
     device_type = d.device.split(":")[0]
     fits = lambda b: try_step(model, lambda: make_optimizer(model, cfg, device_type), b,  # noqa: E731
@@ -278,7 +298,8 @@ def restore_training(ckpt: dict, cfg: TrainConfig, optimizer, scaler, loader: To
             show = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731
             raise ConfigError(f"--resume: the checkpoint was trained with --{flag} {show(was)}, not {show(now)}; "
                               f"resume with the --{flag} it was trained with")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if "optimizer" in ckpt:  # a sharded run's was loaded with its shards
+        optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     loader.load_state_dict(ckpt["loader"])
@@ -443,31 +464,52 @@ class Trainer:
             if d.master:
                 print(f"step {step:6d} | val loss {self.val_loss:.4f} <= target {cfg.target_val_loss} after "
                       f"{self.target_reached['tokens']:,} tokens, {fmt_duration(self.target_reached['time'])}")
+        plain = self.plain() if self.problems or self.examples else None
         if self.problems:
-            acc = exact_match(self.raw, self.tokenizer, self.problems, d.device)
+            acc = exact_match(plain, self.tokenizer, self.problems, d.device)
             self.metrics.log(step, addition_acc=acc)
             if d.master:
                 print(f"step {step:6d} | exact match {acc:.4f} on {len(self.problems):,} held-out problems")
         if self.examples:
-            hs = evaluate_hellaswag(self.raw, self.examples, self.tokenizer, cfg, d, self.dtype)
+            hs = evaluate_hellaswag(plain, self.examples, self.tokenizer, cfg, d, self.dtype)
             self.metrics.log(step, hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
             if d.master:
                 print(f"step {step:6d} | hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f}")
 
+    def plain(self) -> LanguageModel:
+        """The model as one plain module on this rank: under FSDP a whole copy gathered from the shards (every rank
+        calls this), for what does not run the model in step on every rank: sampling, HellaSwag, addition."""
+        return full_model_on_every_rank(self.raw, self.d.device) if self.cfg.fsdp else self.raw
+
     def sample(self, step: int) -> None:
-        for text in generate_samples(self.raw, self.tokenizer, self.cfg, self.d, step):
+        """Rank 0 samples (every rank calls this: under FSDP each gathers the whole model)."""
+        model = self.plain()
+        if not self.d.master:
+            return
+        for text in generate_samples(model, self.tokenizer, self.cfg, self.d, step):
             self.metrics.log(step, sample=text)
             print(f"sample at step {step}:\n{text}\n", flush=True)
 
+    def training_state(self, step: int) -> dict:
+        """Where the run is, beside its weights and optimizer state (the same on every rank: rank 0's is saved)."""
+        return {"step": step, "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
+                "rng": rng_state(), "train_config": asdict(self.cfg), "world_size": self.d.world_size,
+                "elapsed": self.metrics.elapsed(), "val_loss": self.val_loss, "target_reached": self.target_reached}
+
     def save(self, step: int, stop: StopSignal) -> None:
-        """Rank 0 writes the step's checkpoint (every rank waits for it)."""
+        """Rank 0 writes the step's checkpoint (every rank waits for it); under FSDP every rank writes its shards
+        and rank 0 the whole model beside them."""
+        if self.cfg.fsdp:
+            optimizers = getattr(self.optimizer, "optimizers", [self.optimizer])
+            with stop.saving_checkpoint():
+                path = write_sharded_checkpoint(Path(self.cfg.out_dir), step, self.raw, optimizers, self.tokenizer,
+                                                self.training_state(step), self.cfg.keep_last, self.d.rank)
+            if self.d.master:
+                print(f"step {step:6d} | checkpoint {path} (shards in {path.with_suffix('.dcp').name}/)", flush=True)
+            return
         if self.d.master:
-            ckpt = model_checkpoint_fields(self.raw, self.tokenizer) | {
-                "step": step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "loader": self.train_loader.state_dict(), "rng": rng_state(), "train_config": asdict(self.cfg),
-                "world_size": self.d.world_size, "elapsed": self.metrics.elapsed(), "val_loss": self.val_loss,
-                "target_reached": self.target_reached,
-            }
+            ckpt = model_checkpoint_fields(self.raw, self.tokenizer) | self.training_state(step) | {
+                "optimizer": self.optimizer.state_dict()}
             with stop.saving_checkpoint():
                 path = write_checkpoint(ckpt, Path(self.cfg.out_dir), step, self.cfg.keep_last)
             print(f"step {step:6d} | checkpoint {path}", flush=True)
@@ -488,8 +530,11 @@ class Trainer:
         batch = self.next_batch()
         for micro in range(accum):
             x, y = batch
-            # gradients are all-reduced only by the backward of the last micro-step
-            sync = not d.ddp or micro == accum - 1
+            # gradients are all-reduced (FSDP: reduce-scattered) only by the backward of the last micro-step
+            last = micro == accum - 1
+            if self.cfg.fsdp:
+                set_gradient_sync(self.model, last)
+            sync = not d.ddp or last or self.cfg.fsdp
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(d.device, self.dtype):
                     _, loss = self.model(x, y, return_logits=False)
@@ -509,7 +554,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        clip = clip_grad_norm if cfg.fsdp else torch.nn.utils.clip_grad_norm_  # FSDP: the norm over every shard
+        norm = clip(self.raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()  # one host sync
         # under fp16 the scaler skips inf gradients itself while it searches for its scale
         if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
@@ -564,8 +610,9 @@ def seed_everything(seed: int, device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def wrap_model(model: LanguageModel, cfg: TrainConfig, d: Dist) -> tuple[torch.nn.Module, bool]:
-    """The module the training step calls: compiled where it can be, DDP across ranks; and whether compiled."""
+def wrap_model(model: LanguageModel, cfg: TrainConfig, d: Dist, dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
+    """The module the training step calls: compiled where it can be, DDP across ranks (or, with --fsdp, the model
+    itself sharded in place, each block compiled on its own); and whether compiled."""
     device_type = d.device.split(":")[0]
     compiled = cfg.compile and not compile_unsupported(device_type)
     if cfg.compile and not compiled and d.master:
@@ -574,6 +621,10 @@ def wrap_model(model: LanguageModel, cfg: TrainConfig, d: Dist) -> tuple[torch.n
         layers = convert_to_fp8(model)
         if d.master:
             print(f"fp8: {len(layers)} linear layers run their matmuls in FP8 (torchao, tensorwise scaling)")
+    if cfg.fsdp:  # the blocks compute in bf16 from fp32 shards on CUDA; gradients are reduced in fp32
+        ensure_process_group(d.device)
+        bf16 = device_type == "cuda" and dtype == torch.bfloat16
+        return shard_model(model, torch.bfloat16 if bf16 else None, compile_blocks=compiled), compiled
     wrapped: torch.nn.Module = compile_cached(model) if compiled else model
     if compiled and d.master:
         print(f"compile: caches in {use_compile_cache()} (a restarted run reuses them)")
@@ -589,7 +640,8 @@ def announce(cfg: TrainConfig, d: Dist, raw: LanguageModel, tokenizer: Tokenizer
     text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in asdict(cfg).items())
     print("config: " + "\n        ".join(textwrap.wrap(text, 112)))
     n_params = sum(p.numel() for p in raw.parameters())
-    print(f"{type(raw).__name__}: {n_params:,} parameters, {tokenizer.name} tokenizer "
+    kind = f"{type(raw).__name__.removeprefix('FSDP')}, sharded (FSDP)" if cfg.fsdp else type(raw).__name__
+    print(f"{kind}: {n_params:,} parameters, {tokenizer.name} tokenizer "
           f"({tokenizer.vocab_size} tokens); device {d.device} x {d.world_size}, autocast {dtype}, "
           f"compile {compiled}; {cfg.total_batch_size:,} tokens/step = {d.world_size} rank(s) x "
           f"{accum} micro-step(s) x {cfg.batch_size} x {cfg.block_size}")
@@ -633,15 +685,23 @@ def set_up(cfg: TrainConfig, d: Dist) -> tuple[Trainer, int, Path | None]:
     cfg, tokenizer, train_loader, val_loader, raw = restore_or_build(cfg, d, ckpt, resume_path, dtype)
     accum = grad_accum_steps(cfg, d.world_size)
     device_type = d.device.split(":")[0]
+    if cfg.fsdp:  # sharded first: the optimizer holds the shards, and the checkpoint's shards load into both
+        if dtype == torch.float16:
+            raise ConfigError("--fsdp true runs in bfloat16 or float32, and --dtype auto picked float16 on this GPU; "
+                              "pass --dtype float32")
+        model, compiled = wrap_model(raw, cfg, d, dtype)
     optimizer = make_optimizer(raw, cfg, device_type, verbose=d.master)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     start_step, elapsed, target_reached = 0, 0.0, None
+    if ckpt is not None and cfg.fsdp:
+        ckpt = ckpt | load_sharded(resume_path.with_suffix(".dcp"), raw, getattr(optimizer, "optimizers", [optimizer]))
     if ckpt is not None:
         start_step, elapsed = restore_training(ckpt, cfg, optimizer, scaler, train_loader)
         target_reached = ckpt.get("target_reached")
         report_resume(resume_path, ckpt, d, accum)
     del ckpt  # its tensors can be large
-    model, compiled = wrap_model(raw, cfg, d)
+    if not cfg.fsdp:
+        model, compiled = wrap_model(raw, cfg, d, dtype)
     out_dir = Path(cfg.out_dir) if d.master else None
     if d.master:
         write_config(out_dir, asdict(cfg))
@@ -691,7 +751,7 @@ def loop(t: Trainer, start_step: int, resumed: bool) -> dict:
                 t.evaluate(step)
             sample_due = cfg.sample_interval > 0 and step > 0 and step % cfg.sample_interval == 0
             # a finished run resumed again still shows how it writes
-            if d.master and cfg.num_samples > 0 and (last or (sample_due and not resumed_here)):
+            if cfg.num_samples > 0 and (last or (sample_due and not resumed_here)):
                 t.sample(step)
             stopped = stop.agreed(d) or (cfg.stop_at_target and t.target_reached is not None)
             periodic = cfg.ckpt_interval > 0 and (step % cfg.ckpt_interval == 0 or last)

@@ -100,6 +100,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (autocast precision)
     compile: bool = True  # torch.compile the training forward/backward
     fp8: bool = False  # FP8 matmuls (torchao) for the blocks' linear layers >= FP8_MIN_WIDTH wide; FP8 GPUs only
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (FSDP2); false = DDP
 
 
 INF = math.inf
@@ -308,6 +309,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--eval_only needs a model: --init gpt2|HF_DIR|CHECKPOINT")
     if cfg.stop_at_target and cfg.target_val_loss <= 0:
         raise ConfigError("--stop_at_target needs --target_val_loss X (the val loss to stop at)")
+    if cfg.fsdp and cfg.eval_only:
+        raise ConfigError("--fsdp shards training; --eval_only evaluates a whole model on each rank: drop --fsdp")
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise ConfigError("--fsdp true runs in bfloat16 or float32 (float16 would need a sharded gradient scaler); "
+                          "use --dtype bfloat16")
     if cfg.hellaswag_jsonl and cfg.data in ("char", "addition"):
         raise ConfigError(f"--hellaswag_jsonl: HellaSwag is scored in GPT-2 tokens and --data {cfg.data} has its own "
                           "vocabulary; drop the flag")

@@ -111,7 +111,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):  # sum of squares over every rank's shard
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+    # as clip_grad_norm_ scales (same formula), through each rank's shard
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
     return norm
 
 

@@ -51,7 +51,8 @@ def train_step(model, opt, step: int, rank: int, sharded: bool) -> float:
             _, loss = model(x, y, return_logits=False)
             (loss / ACCUM).backward()
         total += loss.item() / ACCUM
-    clip_grad_norm(model.parameters(), 0.5)  # small enough to clip: the norm of the whole gradient counts
+    # small enough to clip: the norm of the whole gradient counts; DDP clips as the trainer does
+    (clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_)(model.parameters(), 0.5)
     opt.step()
     t = torch.tensor([total])
     dist.all_reduce(t)

@@ -130,3 +130,28 @@ def test_hostile_bytes_entry_never_runs(tmp_path):
     assert not marker.exists()
     dcp.load({"w": torch.zeros(3), "train": b""}, checkpoint_id=tmp_path / "ck", no_dist=True)  # DCP's own: runs
     assert marker.exists()
+
+
+def test_clipping_sharded_gradients_is_clip_grad_norm(tmp_path):
+    """One process, FSDP over a world of 1: the norm and the clipped gradients are torch's own, bit for bit."""
+    import copy
+
+    import torch.distributed as dist
+
+    from gpt2repro.sharding import clip_grad_norm, ensure_process_group, shard_model
+
+    ensure_process_group("cpu")
+    try:
+        torch.manual_seed(0)
+        plain = GPT(CONFIG)
+        sharded = shard_model(copy.deepcopy(plain))
+        x = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size))
+        for m in (plain, sharded):
+            m(x, x)[1].backward()
+        want = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+        got = clip_grad_norm(sharded.parameters(), 0.1)
+        assert want > 1 and torch.equal(got, want)  # clipped by more than 10x
+        grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
+        assert all(torch.equal(grads[n], p.grad) for n, p in plain.named_parameters())
+    finally:
+        dist.destroy_process_group()
