@@ -7,7 +7,9 @@ CUDA it prints one "skipped" row.
 
 Every case runs full optimizer steps of 524,288 tokens on random uint16 shards (so losses mean nothing; speed is
 real) and reports tokens/s, MFU (of the GPU's dense bf16 peak), peak memory, and the first step's time (compile).
-Where the GPU has FP8 tensor cores and torchao is installed, each larger preset runs again with `--fp8`.
+Where the GPU has FP8 tensor cores and torchao is installed, each larger preset runs again with `--fp8`; each
+larger preset also runs with `--fsdp true` on its one GPU (the wrapping's cost; sharding saves memory only over
+several ranks: `python -m bench sharding` measures that on CPU).
 """
 
 from __future__ import annotations
@@ -158,6 +160,12 @@ def run(quick: bool = False, sizes: bool = True) -> list[Row]:
             fp8 = None if fp8_unsupported("cuda") else guarded(ours, preset, data, 4, ["--fp8", "true"])
             if fp8 is not None:
                 rows += rows_for(f"ours {preset} compiled --fp8, {name}", fp8, mine, "", "same, bf16")
+            # FSDP on one GPU: what the wrapping costs (each block gathered, bf16 compute from fp32 shards); the
+            # memory it saves needs more ranks (docs/sharding.md)
+            fsdp = guarded(ours, preset, data, 4, ["--fsdp", "true"])
+            if fsdp is not None:
+                rows += rows_for(f"ours {preset} compiled --fsdp true (1 rank), {name}", fsdp, mine, "",
+                                 "same, no FSDP")
     return rows
 
 

@@ -18,4 +18,5 @@
 | `errors` | one-line errors at the command-line boundary; output-path checks |
 | `fileio` | atomic writes with the umask's permissions, hashing, what a safe load refused |
 | `gpt2_sizes` | OpenAI's GPT-2 names, shapes and sizes |
+| `sharding` | FSDP wrapping and clipping over shards; sharded checkpoints (DCP), atomic, read through an allow-list |
 """
