@@ -158,3 +158,43 @@ def test_a_sharded_run_is_resumed_only_with_fsdp(runs, text, tmp_path):
     shutil.copytree(runs["ddp muon"], ddp_out)
     with pytest.raises(SystemExit, match="without --fsdp; resume it with --fsdp false"):
         train_gpt2.main(flags(text, ddp_out) + ["--fsdp", "true", "--resume", "auto", "--max_steps", "12"])
+
+
+def test_hellaswag_and_samples_during_a_sharded_run(text, tmp_path):
+    """HellaSwag (3 examples over 2 ranks: unequal work per rank) and samples run on a gathered copy."""
+    import hellaswag
+
+    rows = [{"ind": i, "ctx": ctx, "label": i % 4, "activity_label": "Talking",
+             "endings": ["to the king.", "and then he left.", "with a sword.", "in the garden."]}
+            for i, ctx in enumerate(["ROMEO: I will go", "JULIET: Come hither", "KING: Speak now"])]
+    jsonl = tmp_path / "hs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    torchrun(["--preset", "shakespeare-gpt2", "--text_path", str(text), "--out_dir", str(out), "--n_layer", "1",
+              "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2", "--total_batch_size",
+              "128", "--max_steps", "2", "--eval_interval", "2", "--eval_iters", "1", "--ckpt_interval", "2",
+              "--num_samples", "1", "--sample_tokens", "4", "--sample_interval", "2", "--device", "cpu", "--dtype",
+              "float32", "--compile", "false", "--hellaswag_jsonl", str(jsonl), "--fsdp", "true"])
+    logged = losses(out, "hellaswag_acc_norm")
+    assert sorted(logged) == [0, 2] and sorted(losses(out, "sample")) == [2]
+    model, tok = load_model(str(out))
+    ref = hellaswag.evaluate(model, hellaswag.load_examples(jsonl=jsonl), tokenizer=tok)
+    assert logged[2] == pytest.approx(ref["acc_norm"])
+
+
+def test_addition_is_scored_during_a_sharded_run(tmp_path):
+    out = tmp_path / "run"
+    torchrun(["--preset", "addition", "--out_dir", str(out), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+              "--max_steps", "2", "--eval_interval", "2", "--eval_iters", "1", "--ckpt_interval", "2",
+              "--num_samples", "0", "--device", "cpu", "--dtype", "float32", "--compile", "false", "--fsdp", "true"])
+    assert sorted(losses(out, "addition_acc")) == [0, 2]
+
+
+def test_blocks_compiled_one_by_one_train_as_eager(text, tmp_path):
+    args = [*FLAGS, *OPTIMIZERS["muon"], "--text_path", str(text), "--max_steps", "3", "--fsdp", "true"]
+    for compiled in ("false", "true"):
+        torchrun([*args, "--compile", compiled, "--out_dir", str(tmp_path / compiled)])
+    eager, compiled = weights(tmp_path / "false", 3), weights(tmp_path / "true", 3)
+    assert eager.keys() == compiled.keys()  # the state dict keeps its keys: blocks are compiled in place
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-5
+    assert losses(tmp_path / "true") == pytest.approx(losses(tmp_path / "false"), abs=1e-5)
