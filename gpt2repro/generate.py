@@ -14,21 +14,27 @@ bench/generate.py). When torch.compile cannot build the step, decoding goes on e
 
 Under bf16/fp16 autocast, decoding reads a half-precision copy of the linear layers' weights (`half_twin`) instead
 of letting autocast cast every fp32 matrix at every token: the same products bit for bit (autocast rounds them to
-the same values), a third of the bytes read per token and, in a CUDA graph, no cast kernels (on CPU measured ~2.3x
-faster than fp32; see bench/generate.py).
+the same values), a third of the bytes read per token and, in a CUDA graph, no cast kernels (bench/generate.py
+measures it).
+
+This module needs model.py's classes only for type hints; model.py imports it for `GPT.generate`.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from gpt2repro.devices import compile_cached, compile_unsupported
 from gpt2repro.errors import first_line
-from model import GPT, LanguageModel, StaticKVCache
+
+if TYPE_CHECKING:
+    from model import GPT, GPTConfig, LanguageModel
 
 DECODE_PATHS = ("auto", "eager", "compile", "cudagraphs")
 COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
@@ -36,6 +42,39 @@ MIN_CACHE_LEN = 64  # cache lengths are powers of two from here to block_size: f
 POOL_SIZE = 4  # decoders (caches and compiled steps) kept per model for the next call of the same shape
 _notes: set[str] = set()  # notes already printed
 _compile_failure = ""  # why torch.compile failed on the decode step; from then on every decoder is eager
+
+
+# what a cache gives attention: all keys, all values, the boolean mask (True = attend) or None, and is_causal
+CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]
+
+
+@dataclass
+class StaticKVCache:
+    """Keys and values in tensors of fixed shape (B, n_head, max_len, head_size), one per layer, written at the
+    given columns, with the mask saying which columns each query sees: the shapes never change, so a decode step
+    can be one CUDA graph. Rows may be left-padded; the mask hides the padding."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    cols: torch.Tensor  # (T,) the columns this step's keys/values go to
+    mask: torch.Tensor | None  # (B, 1, T, width), True = attend; None: T > 1 queries fill [0, T) causally, one sees all
+    width: int  # attention reads columns [0, width)
+
+    @staticmethod
+    def allocate(config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> tuple[list, list]:
+        """Zeroed key and value tensors per layer: never-written columns are masked, but must not be NaN
+        (attention weight 0 times NaN is NaN)."""
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        return new(), new()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
+        """Write layer `layer`'s new keys and values (B, n_head, T, head_size); what its attention reads."""
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all[:, :, self.cols] = k.to(k_all.dtype)
+        v_all[:, :, self.cols] = v.to(v_all.dtype)
+        # without a mask, T > 1 new queries fill columns [0, T) causally; one new query sees every column
+        return k_all[:, :, : self.width], v_all[:, :, : self.width], self.mask, self.mask is None and k.size(2) > 1
 
 
 def sample_next(
@@ -291,7 +330,8 @@ def generate_stream(
     decoder = None
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}; got {decode!r}")
-    if isinstance(model, GPT):  # the bigram model looks at the last token only: nothing to cache
+    # a GPT (its class has hidden states to cache); the bigram model looks at the last token only
+    if hasattr(type(model), "hidden_states"):
         model = half_twin(model, idx.device)
         if pad is not None:
             check_pad(pad, idx)
