@@ -1,9 +1,10 @@
 """GPT-2, exactly as OpenAI's, in one file, and the lecture's bigram baseline.
 
 Read from the top: GPTConfig, the attention, the MLP, the Block and the GPT built from them. After GPT, a section of
-later practice (rotary positions, RMSNorm, relu², QK-norm, logit soft-capping), each option off by default; the
-bigram baseline comes last. Decoding with a KV cache lives in gpt2repro/generate.py, the chunked loss in
-gpt2repro/loss.py, the checks for loading a Hugging Face directory in gpt2repro/checkpoint.py.
+later practice (rotary positions, RMSNorm, relu², QK-norm, logit soft-capping; GPTConfig also offers an untied head
+and zero-initialised projections), each option off by default; the bigram baseline comes last. Decoding with a KV
+cache lives in gpt2repro/generate.py, the chunked loss in gpt2repro/loss.py, the checks for loading a Hugging Face
+directory in gpt2repro/checkpoint.py.
 
 References:
 1) OpenAI's GPT-2 TensorFlow implementation and the Hugging Face `transformers` one (same parameter names).
@@ -17,7 +18,6 @@ import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -27,9 +27,6 @@ import gpt2repro.generate as generation
 from gpt2repro.gpt2_sizes import HF_MODELS
 from gpt2repro.loss import linear_cross_entropy
 from gpt2repro.muon import CombinedOptimizer, Muon
-
-if TYPE_CHECKING:
-    from gpt2repro.generate import StaticKVCache
 
 
 @dataclass
@@ -104,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: RopeAngles | None = None,
-        kv_cache: StaticKVCache | None = None,
+        kv_cache: generation.StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`rope`: the positions' rotary angles (later practice); `kv_cache`: earlier positions' keys and values
@@ -158,7 +155,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: RopeAngles | None = None,
-        kv_cache: StaticKVCache | None = None,
+        kv_cache: generation.StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)  # tokens exchange information
@@ -296,7 +293,7 @@ class GPT(LanguageModel):
     def hidden_states(
         self,
         idx: torch.Tensor,
-        kv_cache: StaticKVCache | None = None,
+        kv_cache: generation.StaticKVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:

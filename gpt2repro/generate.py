@@ -17,7 +17,8 @@ of letting autocast cast every fp32 matrix at every token: the same products bit
 the same values), a third of the bytes read per token and, in a CUDA graph, no cast kernels (bench/generate.py
 measures it).
 
-This module needs model.py's classes only for type hints; model.py imports it for `GPT.generate`.
+model.py imports this module (for `GPT.generate`), never the other way round: here a model is any module with
+GPT's `hidden_states`, `logits` and `next_logits` (or the bigram's `next_logits` alone).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,15 +34,20 @@ from torch import nn
 from gpt2repro.devices import compile_cached, compile_unsupported
 from gpt2repro.errors import first_line
 
-if TYPE_CHECKING:
-    from model import GPT, GPTConfig, LanguageModel
-
 DECODE_PATHS = ("auto", "eager", "compile", "cudagraphs")
 COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
 MIN_CACHE_LEN = 64  # cache lengths are powers of two from here to block_size: few shapes, so few graphs
 POOL_SIZE = 4  # decoders (caches and compiled steps) kept per model for the next call of the same shape
 _notes: set[str] = set()  # notes already printed
 _compile_failure = ""  # why torch.compile failed on the decode step; from then on every decoder is eager
+
+
+class Sizes(Protocol):
+    """What a cache needs of a GPTConfig."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
 
 
 # what a cache gives attention: all keys, all values, the boolean mask (True = attend) or None, and is_causal
@@ -61,7 +67,7 @@ class StaticKVCache:
     width: int  # attention reads columns [0, width)
 
     @staticmethod
-    def allocate(config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> tuple[list, list]:
+    def allocate(config: Sizes, batch_size: int, max_len: int, device, dtype) -> tuple[list, list]:
         """Zeroed key and value tensors per layer: never-written columns are masked, but must not be NaN
         (attention weight 0 times NaN is NaN)."""
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
@@ -130,7 +136,7 @@ def cache_len(needed: int, block_size: int) -> int:
     return min(block_size, max(MIN_CACHE_LEN, 1 << (needed - 1).bit_length()))
 
 
-def last_logits(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+def last_logits(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """Logits (B, vocab) at the last column of `idx` (B, T) at positions `pos` (B, T), keys and values going
     through `cache`."""
     return model.logits(model.hidden_states(idx, cache, pos)[:, -1])
@@ -142,7 +148,7 @@ class Decoder:
     Reused from call to call (`checkout`): a compiled step and its CUDA graph belong to these very tensors.
     """
 
-    def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype, path: str) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype, path: str) -> None:
         device = model.lm_head.weight.device
         self.model, self.max_len, self.path = model, max_len, path
         self.key = pool_key(batch_size, max_len, dtype, path, device)
@@ -233,7 +239,7 @@ def pool_key(batch_size: int, max_len: int, dtype: torch.dtype, path: str, devic
     return batch_size, max_len, dtype, path, device
 
 
-def checkout(model: GPT, batch_size: int, needed: int, dtype: torch.dtype, path: str) -> Decoder:
+def checkout(model: nn.Module, batch_size: int, needed: int, dtype: torch.dtype, path: str) -> Decoder:
     """A decoder for `batch_size` rows of up to `needed` columns: a kept one of the same shape, else a new one.
     It is taken out of the pool while in use, so two generations at once never share a cache."""
     max_len = cache_len(needed, model.config.block_size)
@@ -242,21 +248,21 @@ def checkout(model: GPT, batch_size: int, needed: int, dtype: torch.dtype, path:
     return decoder if decoder is not None else Decoder(model, batch_size, max_len, dtype, path)
 
 
-def checkin(model: GPT, decoder: Decoder) -> None:
+def checkin(model: nn.Module, decoder: Decoder) -> None:
     pool: dict = model.__dict__.setdefault("_decoders", {})
     pool[decoder.key] = decoder
     while len(pool) > POOL_SIZE:
         pool.pop(next(iter(pool)))  # the oldest
 
 
-def cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
+def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """What keys and values come out as: autocast's precision when it is on, else the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return model.lm_head.weight.dtype
 
 
-def build_half_twin(model: GPT, dtype: torch.dtype) -> GPT:
+def build_half_twin(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A GPT sharing `model`'s embeddings, norms and buffers, with its own `dtype` copy of every linear layer's
     weights (the tied head gets its own copy; the embedding stays the model's). Not a submodule of `model`."""
     with torch.device("meta"):  # the structure only: every tensor is replaced below
@@ -271,7 +277,7 @@ def build_half_twin(model: GPT, dtype: torch.dtype) -> GPT:
     return twin.eval()
 
 
-def half_twin(model: GPT, device: torch.device) -> GPT:
+def half_twin(model: nn.Module, device: torch.device) -> nn.Module:
     """What decodes `model` on `device`: under half-precision autocast, its half-precision twin (kept with the
     model, refreshed when its weights changed in place, as training does); otherwise the model itself."""
     if not torch.is_autocast_enabled(device.type) or model.lm_head.weight.dtype != torch.float32:
@@ -307,7 +313,7 @@ def check_pad(pad: torch.Tensor, idx: torch.Tensor) -> None:
 
 @torch.no_grad()
 def generate_stream(
-    model: LanguageModel,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -362,13 +368,13 @@ def generate_stream(
 
 
 @torch.no_grad()
-def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens; see `generate_stream`."""
     new = list(generate_stream(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
 
-def generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+def generate_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
     """The new tokens of each prompt (token lists of any lengths, each at least one token), generated as one
     left-padded batch; a row ends before its first `eot` when `eot` is given."""
     if not prompts or not all(prompts):
