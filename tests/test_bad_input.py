@@ -26,7 +26,7 @@ import fineweb
 import plot
 import sample
 from gpt2repro import config
-from gpt2repro.checkpoint import model_checkpoint_fields, save_checkpoint
+from gpt2repro.checkpoint import load_pretrained, model_checkpoint_fields, save_checkpoint
 from gpt2repro.fileio import refused_object
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -479,7 +479,7 @@ def test_refusal_of_pickled_code_names_the_global_in_a_whole_sentence(tmp_path):
 
 
 def test_hf_dir_with_pickled_weights_keeps_the_whole_refusal(tmp_path):
-    """`GPT.from_pretrained` on a pytorch_model.bin carrying code: a ValueError naming the dir, its sentence whole."""
+    """`load_pretrained` on a pytorch_model.bin carrying code: a ValueError naming the dir, its sentence whole."""
 
     class Hostile:
         def __reduce__(self):
@@ -490,7 +490,7 @@ def test_hf_dir_with_pickled_weights_keeps_the_whole_refusal(tmp_path):
     GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32).save_pretrained(tmp_path)
     torch.save({"x": Hostile()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError) as e:
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path) in msg and "refused" in msg and "\n" not in msg
     assert "system" in msg and msg.endswith("use safetensors weights from a source you trust"), msg
