@@ -130,7 +130,7 @@ def set_up(cfg: TrainConfig, dist: Dist) -> tuple[Trainer, int, Path | None]:
 
 
 def loop(trainer: Trainer, start_step: int, resumed: bool) -> dict:
-    """evaluate, sample, checkpoint, one optimizer step, log — until max_steps or a stop signal."""
+    """evaluate, checkpoint, sample, one optimizer step, log — until max_steps or a stop signal."""
     cfg, dist = trainer.cfg, trainer.dist
     if start_step >= cfg.max_steps and dist.master:
         print(f"resume: already trained to step {start_step} (--max_steps {cfg.max_steps}); raise --max_steps to go on")
@@ -141,14 +141,15 @@ def loop(trainer: Trainer, start_step: int, resumed: bool) -> dict:
             resumed_here = resumed and step == start_step  # its evaluation was logged before the checkpoint
             if (step % cfg.eval_interval == 0 or last) and not resumed_here:
                 trainer.evaluate(step)
+            stopped = stop.agreed(dist) or (cfg.stop_at_target and trainer.target_reached is not None)
+            periodic = cfg.ckpt_interval > 0 and (step % cfg.ckpt_interval == 0 or last)
+            # the checkpoint comes before the samples: a sampling that fails or never ends loses no training
+            if step > start_step and (periodic or stopped):
+                trainer.save(step, stop)
             sample_due = cfg.sample_interval > 0 and step > 0 and step % cfg.sample_interval == 0
             # a finished run resumed again still shows how it writes
             if dist.master and cfg.num_samples > 0 and (last or (sample_due and not resumed_here)):
                 trainer.sample(step)
-            stopped = stop.agreed(dist) or (cfg.stop_at_target and trainer.target_reached is not None)
-            periodic = cfg.ckpt_interval > 0 and (step % cfg.ckpt_interval == 0 or last)
-            if step > start_step and (periodic or stopped):
-                trainer.save(step, stop)
             if last or stopped:
                 break
             trainer.log(step, trainer.optimizer_step(step))

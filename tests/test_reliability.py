@@ -205,6 +205,25 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_older_ones(text, tm
     assert not [k for k in after if k.endswith(".tmp")]
 
 
+def test_last_checkpoint_is_written_before_a_sample_that_never_ends(text, tmp_path):
+    """A preset run checkpoints only at its last step; a sample that hangs (or fails) there must not take the
+    training with it. The char vocabulary has no end-of-text token, so 10^8 tokens are sampled to the end."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt2.py"), *args(text, out, "--max_steps", "2",
+                             "--ckpt_interval", "1000", "--num_samples", "1", "--sample_tokens", str(10**8))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "ckpt_0000002.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()  # still sampling
+        assert (out / "ckpt_0000002.pt").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert load_checkpoint(out / "ckpt_0000002.pt")["step"] == 2
+
+
 # ----------------------------------------------------------------------------- files and permissions
 
 
