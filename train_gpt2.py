@@ -113,7 +113,7 @@ def set_up(cfg: TrainConfig, dist: Dist) -> tuple[Trainer, int, Path | None]:
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     start_step, elapsed, target_reached = 0, 0.0, None
     if ckpt is not None:
-        start_step, elapsed = restore_training(ckpt, cfg, optimizer, scaler, train_loader)
+        start_step, elapsed = restore_training(ckpt, cfg, optimizer, scaler, train_loader, verbose=dist.master)
         target_reached = ckpt.get("target_reached")
         report_resume(resume_path, ckpt, dist, accum)
     del ckpt  # its tensors can be large

@@ -164,6 +164,26 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
 }
 CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_NAMES, "optimizer": OPTIMIZERS}
 
+# What `--resume` does with each flag set away from the value the checkpoint was trained with (its train_config):
+#   applied: read afresh (schedule, intervals, paths, micro-batch, device, ...) or written into the restored
+#            optimizer's param groups (weight decay, betas, eps, Muon's settings; load_state_dict brings back the
+#            checkpoint's, resume.restore_training puts the flags' back);
+#   model:   compared with the checkpoint's model, a different one refused (resume.restore_model);
+#   refused: one line; the restored state depends on it (the optimizer state on its optimizer, the data order on
+#            the seed and shuffling, the split and the held-out problems on val_fraction, digits and ops).
+RESUME_REFUSED = ("optimizer", "seed", "shuffle", "data", "val_fraction", "digits", "ops", "init")
+RESUME_OPTIMIZER = ("weight_decay", "beta1", "beta2", "eps", "max_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
+RESUME_MODEL = (*(f.name for f in fields(GPTConfig)), "model_type")
+RESUME_APPLIED = (
+    "preset", "data_dir", "text_path", "batch_size", "total_batch_size", "max_steps", "min_lr", "warmup_steps",
+    "grad_clip", "nonfinite_skips", "eval_interval", "eval_iters", "eval_only", "target_val_loss", "stop_at_target",
+    "hellaswag", "hellaswag_jsonl", "hellaswag_limit", "sample_interval", "num_samples", "sample_tokens",
+    "sample_prompt", "log_interval", "peak_flops", "tensorboard", "wandb", "wandb_project", "out_dir",
+    "ckpt_interval", "keep_last", "resume", "device", "dtype", "compile", "fp8", *RESUME_OPTIMIZER,
+)
+ON_RESUME: dict[str, str] = (dict.fromkeys(RESUME_APPLIED, "applied") | dict.fromkeys(RESUME_MODEL, "model")
+                             | dict.fromkeys(RESUME_REFUSED, "refused"))
+
 SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU model (4 x 128, context 64) at batch 32 with the two large winners of `python -m bench ablate`:

@@ -20,7 +20,7 @@ from gpt2repro.checkpoint import (
     newest_resumable,
     set_rng_state,
 )
-from gpt2repro.config import ConfigError, TrainConfig
+from gpt2repro.config import RESUME_OPTIMIZER, RESUME_REFUSED, ConfigError, TrainConfig
 from gpt2repro.data import TokenLoader
 from gpt2repro.devices import Dist
 from gpt2repro.rundir import CONFIG_FILE, METRICS_FILE
@@ -76,6 +76,8 @@ def restore_or_build(cfg: TrainConfig, dist: Dist, ckpt: dict | None, resume_pat
                                                   TokenLoader | AdditionLoader, LanguageModel]:
     """The data and the model: the checkpoint's when resuming, else new; with the micro-batch chosen where it is
     `auto`. Returns the config with that batch, the tokenizer, both loaders and the model on its device."""
+    if ckpt is not None:
+        check_resume_flags(cfg, ckpt)
     probe = auto_batch(cfg, dist.device)
     if probe:  # loaders are built at the upper bound first, then again at the chosen size
         trained = (ckpt or {}).get("train_config", {}).get("batch_size")
@@ -116,19 +118,40 @@ def restore_model(cfg: TrainConfig, ckpt: dict, path: Path, tokenizer: Tokenizer
     return model
 
 
-def restore_training(ckpt: dict, cfg: TrainConfig, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     loader: TokenLoader | AdditionLoader) -> tuple[int, float]:
-    """Optimizer, scaler and loader states; returns the step to continue at and the wall time so far."""
-    trained = {"optimizer": "adamw"} | ckpt.get("train_config", {})
-    # the optimizer state belongs to its optimizer; the seed and shuffling decide the data order (and which
-    # addition problems are held out), which the loader state continues
-    for flag in ("optimizer", "seed", "shuffle"):
+def trained_with(ckpt: dict) -> dict:
+    """The flags the checkpoint was trained with; a flag older checkpoints lack counts as unchanged."""
+    return {"optimizer": "adamw"} | ckpt.get("train_config", {})
+
+
+def show(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_resume_flags(cfg: TrainConfig, ckpt: dict) -> None:
+    """Refuse, before anything is built, a flag the restored state depends on (config.ON_RESUME) set away from
+    the checkpoint's value."""
+    trained = trained_with(ckpt)
+    for flag in RESUME_REFUSED:
         was, now = trained.get(flag, getattr(cfg, flag)), getattr(cfg, flag)
         if was != now:
-            show = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731
             raise ConfigError(f"--resume: the checkpoint was trained with --{flag} {show(was)}, not {show(now)}; "
-                              f"resume with the --{flag} it was trained with")
+                              f"resume with the --{flag} it was trained with, or start a new --out_dir")
+
+
+def restore_training(ckpt: dict, cfg: TrainConfig, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     loader: TokenLoader | AdditionLoader, verbose: bool = False) -> tuple[int, float]:
+    """Optimizer, scaler and loader states; returns the step to continue at and the wall time so far.
+
+    The optimizer's state (moments, step counts) is the checkpoint's; its hyper-parameters are the flags'."""
+    flags_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, flags_groups, strict=True):
+        group.update(hyper)
+    trained = trained_with(ckpt)
+    changed = [f"--{f} {show(trained[f])} -> {show(getattr(cfg, f))}" for f in RESUME_OPTIMIZER
+               if f in trained and trained[f] != getattr(cfg, f)]
+    if changed and verbose:
+        print(f"resume: the restored optimizer now uses {', '.join(changed)}")
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     loader.load_state_dict(ckpt["loader"])
