@@ -114,7 +114,7 @@ def set_up(cfg: TrainConfig, dist: Dist) -> tuple[Trainer, int, Path | None]:
     start_step, elapsed, target_reached = 0, 0.0, None
     if ckpt is not None:
         start_step, elapsed = restore_training(ckpt, cfg, optimizer, scaler, train_loader, verbose=dist.master)
-        target_reached = ckpt.get("target_reached")
+        target_reached = target_still_reached(ckpt.get("target_reached"), cfg.target_val_loss)
         report_resume(resume_path, ckpt, dist, accum)
     del ckpt  # its tensors can be large
     model, compiled = wrap_model(raw, cfg, dist)
@@ -129,11 +129,16 @@ def set_up(cfg: TrainConfig, dist: Dist) -> tuple[Trainer, int, Path | None]:
     return trainer, start_step, resume_path
 
 
+def target_still_reached(reached: dict | None, target: float) -> dict | None:
+    """The checkpoint's record of reaching the target, if it reached this run's `--target_val_loss` too."""
+    return reached if reached and 0 < target and reached["val_loss"] <= target else None
+
+
 def loop(trainer: Trainer, start_step: int, resumed: bool) -> dict:
     """evaluate, checkpoint, sample, one optimizer step, log — until max_steps or a stop signal."""
     cfg, dist = trainer.cfg, trainer.dist
-    if start_step >= cfg.max_steps and dist.master:
-        print(f"resume: already trained to step {start_step} (--max_steps {cfg.max_steps}); raise --max_steps to go on")
+    if dist.master and (done := already_done(cfg, start_step, trainer.target_reached)):
+        print(done)
     stop, step, stopped = StopSignal(), start_step, False
     try:
         for step in range(start_step, cfg.max_steps + 1):
@@ -157,6 +162,17 @@ def loop(trainer: Trainer, start_step: int, resumed: bool) -> dict:
         stop.restore()
         trainer.metrics.close()
     return {"step": step, "val_loss": trainer.val_loss, "stopped": stopped, "target_reached": trainer.target_reached}
+
+
+def already_done(cfg: TrainConfig, start_step: int, target_reached: dict | None) -> str:
+    """Why a resumed run has nothing to train ("" when it has): the run then ends at once, with exit status 0."""
+    if start_step >= cfg.max_steps:
+        return f"resume: already trained to step {start_step} (--max_steps {cfg.max_steps}); raise --max_steps to go on"
+    if cfg.stop_at_target and target_reached is not None:
+        return (f"resume: --target_val_loss {cfg.target_val_loss} was reached at step {target_reached['step']} (val "
+                f"loss {target_reached['val_loss']:.4f}) and --stop_at_target stops there; nothing to train, drop "
+                "--stop_at_target (or lower --target_val_loss) to go on")
+    return ""
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -154,3 +154,24 @@ def test_addition_run_keeps_its_digits_when_unchanged(runs, tmp_path):
     argv = copy_run(runs, "addition", tmp_path / "run")
     result = train_gpt2.main(argv + ["--max_steps", "3", "--resume", "auto", "--digits", "3", "--ops", "+"])
     assert result["step"] == 3
+
+
+def test_resume_after_the_target_was_reached_says_so(runs, tmp_path, capsys):
+    losses = {e["step"]: e["val_loss"] for e in map(json.loads, (Path(runs["char"][-1]) / "metrics.jsonl")
+                                                     .read_text().splitlines()) if "val_loss" in e}
+    assert losses[2] < losses[0]
+    target = str(losses[2] + 1e-6)  # reached at step 2, not at step 0
+    argv = runs["char"][:-1] + [str(tmp_path / "run"), "--max_steps", "6", "--target_val_loss", target,
+                                "--stop_at_target", "true"]
+    assert train_gpt2.main(argv)["step"] == 2
+    capsys.readouterr()
+    result = train_gpt2.main(argv + ["--resume", "auto"])
+    out = capsys.readouterr().out
+    assert result["step"] == 2 and result["target_reached"]["step"] == 2
+    assert f"--target_val_loss {target} was reached at step 2" in out and "--stop_at_target" in out
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt_*.pt")) == ["ckpt_0000002.pt"]
+    # a lower target, not reached yet: the run goes on
+    lower = str(losses[2] / 10)
+    result = train_gpt2.main(argv[:-4] + ["--target_val_loss", lower, "--stop_at_target", "true", "--resume", "auto",
+                                          "--max_steps", "3"])
+    assert result["step"] == 3 and result["target_reached"] is None
