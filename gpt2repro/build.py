@@ -3,6 +3,8 @@ module that trains (compiled, DDP-wrapped)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from gpt2repro.config import ConfigError, TrainConfig
 from gpt2repro.data import ShardedTokenLoader, TokenLoader, split_tokens
 from gpt2repro.devices import Dist, compile_cached, compile_unsupported, convert_to_fp8, use_compile_cache
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding
-from model import MODEL_TYPES, LanguageModel
+from model import MODEL_TYPES, GPTConfig, LanguageModel
 
 
 def seed_everything(seed: int, device: str) -> None:
@@ -73,19 +75,64 @@ def build_data(
     return tokenizer, *loaders
 
 
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> LanguageModel:
-    """A fresh model from the config's fields, or the `--init` model (whose tokenizer must match the data's)."""
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: str | None = None) -> LanguageModel:
+    """A fresh model from the config's fields (refused when it cannot be trained on `device`, if given), or the
+    `--init` model (whose tokenizer must match the data's)."""
     if not cfg.init:
         config = cfg.gpt_config(tokenizer.vocab_size)
         if config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"--vocab_size {config.vocab_size} is below the tokenizer's {tokenizer.vocab_size}; "
                               "raise it")
+        if device is not None:
+            check_fits(config, cfg.model_type, device)
         return MODEL_TYPES[cfg.model_type](config)
     model, init_tokenizer = load_model(cfg.init)
     if init_tokenizer.to_dict() != tokenizer.to_dict():
         raise ConfigError(f"--init {cfg.init} was trained with the {init_tokenizer.name} tokenizer but the data is "
                           f"{tokenizer.name}; pick a matching --preset or --data")
     return model
+
+
+def min_parameters(config: GPTConfig, model_type: str) -> int:
+    """A lower bound on the model's parameter count: its matrices and embeddings, not counting biases and gains."""
+    n, V = config.n_embd, config.vocab_size
+    if model_type == "bigram":
+        return V * V
+    embeddings = V * n * (1 if config.tie_embeddings else 2)
+    positions = config.block_size * n if config.pos == "learned" else 0
+    return 12 * config.n_layer * n * n + embeddings + positions
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for a new model on `device` (None where that is unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if device != "cpu":
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_fits(config: GPTConfig, model_type: str, device: str) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and one optimizer state (fp32, 12 bytes
+    per parameter, a lower bound on training's needs) exceed the memory free on the device, or whose weights alone
+    exceed the host's (the model is built there)."""
+    params = min_parameters(config, model_type)
+    needs = [(device, 12 * params)] + ([("cpu", 4 * params)] if device != "cpu" else [])
+    for where, need in needs:
+        free = available_memory(where)
+        if free is not None and need > free:
+            shape, fix = f"--n_layer {config.n_layer} --n_embd {config.n_embd}, ", "--n_layer or --n_embd"
+            if model_type == "bigram":
+                shape, fix = "", "--vocab_size"
+            raise ConfigError(f"the model ({shape}vocabulary {config.vocab_size}) has at least {params:.3g} "
+                              f"parameters; training them needs at least {need / 2**30:.3g} GiB but {where} has "
+                              f"{free / 2**30:.3g} GiB free; lower {fix}")
 
 
 def check_sample_prompt(cfg: TrainConfig, tokenizer: Tokenizer) -> None:

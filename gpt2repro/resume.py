@@ -84,7 +84,7 @@ def restore_or_build(cfg: TrainConfig, dist: Dist, ckpt: dict | None, resume_pat
         cfg = dataclasses.replace(cfg, batch_size=upper_batch_size(cfg, trained))
     hint = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt and cfg.data != "char" else None
     tokenizer, train_loader, val_loader = build_data(cfg, dist, hint)
-    raw = restore_model(cfg, ckpt, resume_path, tokenizer) if ckpt else build_model(cfg, tokenizer)
+    raw = restore_model(cfg, ckpt, resume_path, tokenizer) if ckpt else build_model(cfg, tokenizer, dist.device)
     check_sample_prompt(cfg, tokenizer)  # after the vocabulary check: a changed text is the cause to name
     if cfg.block_size > raw.config.block_size:
         raise ConfigError(f"--block_size {cfg.block_size} is above the model's context {raw.config.block_size}; "
