@@ -25,7 +25,7 @@ import export_hf
 import fineweb
 import plot
 import sample
-from gpt2repro import config
+from gpt2repro import autobatch, config
 from gpt2repro.checkpoint import load_pretrained, model_checkpoint_fields, save_checkpoint
 from gpt2repro.fileio import refused_object
 from gpt2repro.tokenizer import get_tokenizer
@@ -409,9 +409,9 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_lost(case, scratch, cap
 
 def test_world_size_not_dividing_the_total_batch():
     cfg = config.parse_config(TINY + ["--text_path", "unused.txt", "--out_dir", "unused", "--total_batch_size", "64"])
-    assert config.grad_accum_steps(cfg, 1) == 2 and config.grad_accum_steps(cfg, 2) == 1
+    assert autobatch.grad_accum_steps(cfg, 1) == 2 and autobatch.grad_accum_steps(cfg, 2) == 1
     with pytest.raises(config.ConfigError) as e:
-        config.grad_accum_steps(cfg, 3)
+        autobatch.grad_accum_steps(cfg, 3)
     msg = str(e.value)
     assert "--total_batch_size 64" in msg and "world_size" in msg and "2 x 16 x 3 = 96" in msg
 
