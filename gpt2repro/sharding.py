@@ -354,7 +354,9 @@ def write_sharded_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, o
     shards = save_sharded(sharded_path(out_dir, step), model, optimizers, train_state, rank)
     path = None
     if rank == 0:
-        fields = model_checkpoint_fields(model, tokenizer, full) | {"step": step, "sharded": shards.name}
+        # what resuming checks before it builds anything (flags, world size) is in the model file too
+        known = {k: train_state[k] for k in ("train_config", "world_size") if k in train_state}
+        fields = model_checkpoint_fields(model, tokenizer, full) | known | {"step": step, "sharded": shards.name}
         path = write_checkpoint(fields, out_dir, step, keep_last)
         prune_sharded(out_dir, {p.name for p in list_checkpoints(out_dir)})
     dist.barrier()
