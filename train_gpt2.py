@@ -18,6 +18,7 @@ Several nodes (here 2 x 8 GPUs): run on every node, with HOST0 reachable from al
 NCCL picks its transport itself; NCCL_SOCKET_IFNAME=eth0 names the network interface between nodes,
 NCCL_IB_DISABLE=1 turns InfiniBand off where it is absent or broken, NCCL_DEBUG=INFO shows what it chose.
 With `--resume auto` a job restarted by torchrun (`--max-restarts`) continues from its newest checkpoint.
+`--fsdp true` shards weights, gradients and optimizer state over the ranks (docs/sharding.md).
 """
 
 from __future__ import annotations

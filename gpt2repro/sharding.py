@@ -131,8 +131,10 @@ def replica(model: torch.nn.Module, state: dict[str, torch.Tensor], device: str)
     with torch.device("meta"):
         copy = cls(model.config)
     copy.to_empty(device=device)
-    if hasattr(copy, "rope_cos"):  # non-persistent buffers are not in the state dict
-        copy.rope_cos, copy.rope_sin = (b.detach().to(device) for b in (model.rope_cos, model.rope_sin))
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are not in the state dict
+        if name not in state:
+            owner, _, attr = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(attr, buf.detach().to(device), persistent=False)
     copy.load_state_dict(state)
     return copy.eval()
 

@@ -1,7 +1,8 @@
 """Several nodes, as torchrun runs them: two `torchrun --nnodes=2 --nproc_per_node=1` agents on this machine meet at
 a c10d rendezvous endpoint on localhost (gloo), train together to identical weights on both ranks, and after a
 worker is killed past a checkpoint, both agents restart (--max-restarts 1) and reach the very weights of the
-uninterrupted job. Every wait is bounded; a job past its time is killed with its whole process group."""
+uninterrupted job; with DDP and with --fsdp true (sharded checkpoints). Every wait is bounded; a job past its time
+is killed with its whole process group."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ import train_gpt2
 finish = train_gpt2.loop
 def loop(t, *args):
     result = finish(t, *args)
-    torch.save(t.raw.state_dict(), os.path.join({out!r}, "weights_rank" + os.environ["RANK"] + ".pt"))
+    # under FSDP each rank gathers the whole weights from the shards (a collective: every rank calls it)
+    state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in t.raw.state_dict().items()}}
+    torch.save(state, os.path.join({out!r}, "weights_rank" + os.environ["RANK"] + ".pt"))
     return result
 train_gpt2.loop = loop
 train_gpt2.main(sys.argv[1:])
@@ -54,7 +57,7 @@ def text(tmp_path_factory) -> Path:
     return path
 
 
-def start_job(tmp: Path, text: Path, out: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
+def start_job(tmp: Path, text: Path, out: Path, extra: list[str]) -> list[subprocess.Popen]:
     """Two agents, one per "node", each in a session of its own (so a hung one can be killed whole)."""
     script = tmp / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
@@ -105,11 +108,16 @@ def worker_pid(out: Path, rank: str) -> int | None:
     return None
 
 
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def kind(request) -> list[str]:
+    return ["--fsdp", str(request.param == "fsdp").lower()]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(text, tmp_path_factory) -> Path:
+def uninterrupted(text, kind, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("two_nodes")
     out = tmp / "run"
-    logs = finish_job(start_job(tmp, text, out))
+    logs = finish_job(start_job(tmp, text, out, kind))
     assert all("Traceback" not in log for log in logs), logs
     return out
 
@@ -123,9 +131,9 @@ def test_two_nodes_train_to_identical_weights(uninterrupted):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
-def test_a_killed_node_restarts_from_its_checkpoint_to_the_same_weights(uninterrupted, text, tmp_path):
+def test_a_killed_node_restarts_from_its_checkpoint_to_the_same_weights(uninterrupted, kind, text, tmp_path):
     out = tmp_path / "run"
-    agents = start_job(tmp_path, text, out)
+    agents = start_job(tmp_path, text, out, kind)
     deadline = time.time() + 240
     while not (checkpoint_path(out, CKPT_INTERVAL).exists() and (out / "metrics.jsonl").exists()
                and train_losses(out)[-1][0] > CKPT_INTERVAL):
