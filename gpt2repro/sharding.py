@@ -95,10 +95,6 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None,
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
     """Micro-steps before the last keep their gradients unreduced (FSDP's `no_sync`)."""
     model.set_requires_gradient_sync(sync)
