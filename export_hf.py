@@ -40,7 +40,7 @@ from gpt2repro.checkpoint import (
     model_from_checkpoint,
 )
 from gpt2repro.devices import quiet_library_logs
-from gpt2repro.fileio import public_mode, sha256_of
+from gpt2repro.fileio import public_mode, read_json, sha256_of
 from gpt2repro.tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
 
@@ -197,7 +197,7 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 def _marker(out_dir: Path) -> dict | None:
     """The marker of an earlier export in `out_dir`; None when there is none or it is not ours."""
     try:
-        marker = json.loads((out_dir / EXPORT_MARKER).read_text(encoding="utf-8"))
+        marker = read_json(out_dir / EXPORT_MARKER)
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT or not isinstance(marker.get("files"),

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2repro.errors import check_writable, first_line, one_line_errors
-from gpt2repro.fileio import atomic_write_bytes, sha256_of
+from gpt2repro.fileio import atomic_write_bytes, read_json, sha256_of
 from gpt2repro.shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from gpt2repro.tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
 
@@ -343,7 +343,7 @@ def read_manifest(out_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except (OSError, ValueError) as e:
         raise FinewebError(f"{path}: unreadable ({e}); delete {out_dir} to start over") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:

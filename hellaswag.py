@@ -32,13 +32,15 @@ from tqdm import tqdm
 
 from gpt2repro.devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
 from gpt2repro.errors import check_writable, one_line_errors
-from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.fileio import MiB, atomic_write_bytes, limited_lines, parse_json
 from gpt2repro.tokenizer import Tokenizer, cache_dir, get_tokenizer
 from model import GPT
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 NUM_ENDINGS = 4
+MAX_JSONL_BYTES = 512 * MiB  # the train split is 47 MB; a file past this is not HellaSwag
+MAX_LINE_BYTES = 1 * MiB  # an example is about 1 KB
 LM_HEAD_CHUNK = 256  # rows of logits materialised at a time: ~50 MB for a 50k vocab
 PACK_ROW_TOKENS = 256  # our GPT: examples (~130 tokens) packed into rows this long, or the longest example
 DEFAULT_BATCH_TOKENS = 8192  # tokens per forward: a GPU wants more (the trainer passes its micro-batch's)
@@ -111,7 +113,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
         raise HellaSwagError(f"{path}: no such file")
     examples = []
     with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is named by its line
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in limited_lines(f, str(path), MAX_JSONL_BYTES, MAX_LINE_BYTES):
             if limit is not None and len(examples) >= limit:
                 break
             try:
@@ -122,10 +124,13 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                ex = json.loads(line)
+                ex = parse_json(line)
             except json.JSONDecodeError as e:
                 raise HellaSwagError(f"{path}:{lineno}: not valid JSON ({e.msg}); the file may be truncated or "
                                      "corrupt, delete it to download it again") from None
+            except ValueError as e:  # nested too deeply, a number of hundreds of digits
+                raise HellaSwagError(f"{path}:{lineno}: not a HellaSwag example ({e}); is this the right file?") \
+                    from None
             examples.append(_check_example(ex, f"{path}:{lineno}"))
     if not examples:
         raise HellaSwagError(f"{path}: no examples in the file")

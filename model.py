@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2repro.fileio import refused_object
+from gpt2repro.fileio import MAX_JSON_FILE, parse_json, read_limited, refused_object
 from gpt2repro.loss import linear_cross_entropy
 from gpt2repro.muon import CombinedOptimizer, Muon
 
@@ -495,7 +495,7 @@ def config_from_hf(c: GPT2Config, source: str) -> GPTConfig:
 def check_hf_config(path: Path) -> None:
     """A Hugging Face config.json that is JSON with positive integer sizes, before `transformers` trips on it."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = parse_json(read_limited(path, MAX_JSON_FILE).decode("utf-8"))
     except FileNotFoundError:
         return  # transformers says what is missing
     except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8

@@ -80,6 +80,7 @@ from gpt2repro.devices import (
     use_compile_cache,
 )
 from gpt2repro.errors import one_line_errors
+from gpt2repro.fileio import read_limited
 from gpt2repro.rundir import CONFIG_FILE, METRICS_FILE, Metrics, RunLock, write_config
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding, tokenizer_from_dict
 from model import MODEL_TYPES, GPTConfig, LanguageModel
@@ -98,6 +99,9 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 # ----------------------------------------------------------------------------- data and model
 
 
+MAX_TEXT_BYTES = 256 << 20  # --text_path is tokenized in memory; a larger corpus goes through fineweb.py's shards
+
+
 def read_text(path: str) -> str:
     p = Path(path)
     if not p.exists() and path == TrainConfig.text_path:
@@ -105,7 +109,8 @@ def read_text(path: str) -> str:
 
         ensure_shakespeare(p)  # the embedded default needs no set-up step
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_limited(p, MAX_TEXT_BYTES, "--text_path").decode("utf-8")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # as a text-mode read gives it
     except OSError as e:
         raise ValueError(f"cannot read --text_path {path}: {e.strerror}; run `python prepare.py` or pass a "
                          "file") from None

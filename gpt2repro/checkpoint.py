@@ -10,7 +10,6 @@ training adds `TRAINING_KEYS` (optimizer, step, loader and RNG states). A run di
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pickle
 import random
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from gpt2repro.errors import first_line
-from gpt2repro.fileio import atomic_write, refused_object
+from gpt2repro.fileio import atomic_write, read_json, refused_object
 from gpt2repro.gpt2_sizes import HF_MODELS
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 from model import GPT, MODEL_TYPES, GPTConfig, LanguageModel
@@ -200,7 +199,7 @@ TRAINING_CONFIG_KEYS = ("max_steps", "preset")  # in train_gpt2.py's config.json
 def is_training_config(path: Path) -> bool:
     """Whether `path` is the config.json train_gpt2.py writes into a run dir (not a Hugging Face model config)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and any(k in config for k in TRAINING_CONFIG_KEYS)
@@ -216,7 +215,7 @@ def hf_dir_tokenizer(spec: str, model: LanguageModel) -> Tokenizer:
         tokenizer = get_tokenizer("gpt2")
     else:
         try:
-            tokenizer = tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
+            tokenizer = tokenizer_from_dict(read_json(path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a tokenizer export_hf.py wrote ({type(e).__name__}: {first_line(e)}); "
                              "export the checkpoint again") from None
