@@ -109,7 +109,7 @@ def _check_example(ex: object, where: str) -> dict:
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     """Examples from a HellaSwag jsonl file, checked line by line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise HellaSwagError(f"{path}: no such file")
     examples = []
     with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is named by its line

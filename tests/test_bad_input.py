@@ -125,6 +125,8 @@ CASES: dict[str, Case] = {
                                   [str(s / "empty" / "input.txt")]),
     "non-UTF-8 input.txt": lambda s: (train_gpt2.main, train_args(s, "--text_path", str(_latin1(s))),
                                       [str(s / "latin1.txt"), "UTF-8"]),
+    "endless --text_path (/dev/zero)": lambda s: (train_gpt2.main, train_args(s, "--text_path", "/dev/zero"),
+                                                 ["--text_path /dev/zero", "bytes"]),
     # prompts
     "sample prompt outside the char vocabulary": lambda s: (
         train_gpt2.main, train_args(s, "--sample_prompt", "ROMEO: ¿qué?"), ["--sample_prompt", "'¿'"]),
@@ -190,6 +192,12 @@ CASES: dict[str, Case] = {
     "malformed HellaSwag line": lambda s: (
         _hellaswag_main(), ["--jsonl", str(_bad_hellaswag(s)), "--model", str(s / "run"), "--device", "cpu"],
         [f"{s / 'hellaswag.jsonl'}:2"]),
+    "HellaSwag line nested 200,000 deep": lambda s: (
+        _hellaswag_main(), ["--jsonl", str(_hostile_line(s, "hs.jsonl", "[" * 200_000)), "--model", str(s / "run"),
+                            "--device", "cpu"], [f"{s / 'hs.jsonl'}:2", "nested"]),
+    "HellaSwag file with no line break (/dev/zero)": lambda s: (
+        _hellaswag_main(), ["--jsonl", str(_endless(s)), "--model", str(s / "run"), "--device", "cpu"],
+        [f"{s / 'endless'}:1", "longer than"]),
     # flags
     "unknown preset": lambda s: (train_gpt2.main, train_args(s, "--preset", "gpt3"), ["'gpt3'", "shakespeare-char"]),
     "unknown flag": lambda s: (train_gpt2.main, train_args(s, "--max_step", "3"), ["--max_step", "--max_steps"]),
@@ -254,6 +262,12 @@ CASES: dict[str, Case] = {
     # plot
     "metrics.jsonl with no parsable line": lambda s: (
         plot.main, [str(_torn_metrics(s)), "--out", str(s / "loss.png")], [str(s / "torn" / "metrics.jsonl")]),
+    "metrics.jsonl line nested 200,000 deep": lambda s: (
+        plot.main, [str(_hostile_metrics(s, "[" * 200_000)), "--out", str(s / "loss.png")],
+        [f"{s / 'hostile' / 'metrics.jsonl'}:2", "nested"]),
+    "metrics.jsonl number of 401 digits": lambda s: (
+        plot.main, [str(_hostile_metrics(s, '{"step": 2, "val_loss": 1' + "0" * 400 + "}")), "--out",
+                    str(s / "loss.png")], [f"{s / 'hostile' / 'metrics.jsonl'}:2", "digits"]),
     # fineweb
     "fineweb zero-byte .txt": lambda s: (fineweb.main, _fineweb_args(s, "empty.txt", b""), [str(s / "empty.txt")]),
     "fineweb documents with no text": lambda s: (
@@ -326,6 +340,34 @@ def _torn_metrics(s: Path) -> Path:
     (s / "torn").mkdir()
     (s / "torn" / "metrics.jsonl").write_text('{"step": 1, "train_lo\n{"step": 2, "ti\n')
     return s / "torn"
+
+
+def _hostile_line(s: Path, name: str, line: str) -> Path:
+    good = '{"ind": 0, "ctx": "He", "label": 1, "activity_label": "Roofing", "endings": ["a", "b", "c", "d"]}'
+    (s / name).write_text(good + "\n" + line + "\n" + good + "\n")
+    return s / name
+
+
+def _endless(s: Path) -> Path:
+    """A 'file' with no line break and no end: /dev/zero, linked in as a named file."""
+    os.symlink("/dev/zero", s / "endless")
+    return s / "endless"
+
+
+def _hostile_metrics(s: Path, line: str) -> Path:
+    (s / "hostile").mkdir()
+    (s / "hostile" / "metrics.jsonl").write_text('{"step": 1, "val_loss": 3.5}\n' + line + "\n")
+    return s / "hostile"
+
+
+def test_train_hellaswag_jsonl_nested_deep_is_one_error(tmp_path):
+    """The trainer reads --hellaswag_jsonl through the same bounded reader: a ValueError naming the line."""
+    path = _hostile_line(tmp_path, "hs.jsonl", "[" * 200_000)
+    cfg = config.parse_config(TINY + ["--data", "gpt2-text", "--text_path", "unused.txt", "--out_dir", "unused",
+                                      "--hellaswag_jsonl", str(path)])
+    with pytest.raises(ValueError) as e:
+        train_gpt2.hellaswag_examples(cfg, get_tokenizer("gpt2"))
+    assert f"{path}:2" in str(e.value) and "nested" in str(e.value) and "\n" not in str(e.value)
 
 
 def _fineweb_args(s: Path, name: str, content: bytes, out: Path | None = None) -> list[str]:
