@@ -9,6 +9,8 @@ file, never a MemoryError or RecursionError.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -130,6 +132,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap what `a` and `b` name in one step (Linux renameat2 RENAME_EXCHANGE), so that `b` never goes missing;
+    False where the system or file system cannot, and the caller renames in two steps instead."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

@@ -32,6 +32,7 @@ from gpt2repro.checkpoint import (
 )
 from gpt2repro.config import BOUNDS, TrainConfig
 from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.rundir import lock_holder
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -86,13 +87,49 @@ def test_second_trainer_on_the_same_out_dir_is_refused(text, tmp_path):
                                  "--seed", "2", "--resume", "auto")], cwd=ROOT, capture_output=True, text=True)
         assert second.returncode != 0
         last = second.stderr.strip().splitlines()[-1]
-        assert f"in use by another trainer (pid {first.pid})" in last, second.stderr
+        assert f"in use by another trainer or export (pid {first.pid})" in last, second.stderr
         assert "Traceback" not in second.stderr
         assert all(snapshot(out).get(k) == v for k, v in before.items() if k != "metrics.jsonl")
     finally:
         first.kill()  # SIGKILL: the lock must go with the process
         first.wait()
     train_gpt2.main(args(text, out, "--max_steps", "2", "--resume", "auto"))  # the dead run blocks nothing
+
+
+def test_export_refuses_the_empty_run_dir_of_a_trainer_still_setting_up(tmp_path, capsys):
+    """A trainer holds its lock on the new, empty --out_dir while it reads a large --text_path: export_hf.py must
+    not rename over it (the trainer would write beside the export, its lock on a deleted directory)."""
+    import transformers  # noqa: F401 - imported before the race, as a warm export process has it
+
+    import export_hf
+
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * 9000)  # 44 MB: seconds of set-up before the trainer writes anything
+    ckpt = tmp_path / "weights.pt"
+    tok = get_tokenizer("char", text=TEXT)
+    save_checkpoint(model_checkpoint_fields(GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1,
+                                                          n_head=2, n_embd=16)), tok), ckpt)
+    out = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, str(ROOT / "train_gpt2.py"), *args(big, out, "--max_steps", "100000",
+                                "--ckpt_interval", "0", "--eval_interval", "100000", "--num_samples", "0")],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out.is_dir() and lock_holder(out.stat().st_ino) == str(trainer.pid)) and time.time() < deadline:
+            assert trainer.poll() is None, trainer.stderr.read()
+            time.sleep(0.01)
+        inode = out.stat().st_ino
+        with pytest.raises(SystemExit) as e:
+            export_hf.main(["--no_verify", str(ckpt), str(out)])
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and str(out) in msg and f"pid {trainer.pid}" in msg, msg
+        assert out.stat().st_ino == inode and not (out / export_hf.EXPORT_MARKER).exists()
+        second = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *args(big, out, "--max_steps", "4",
+                                 "--resume", "auto")], cwd=ROOT, capture_output=True, text=True)
+        assert f"(pid {trainer.pid})" in second.stderr.strip().splitlines()[-1], second.stderr
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 # ----------------------------------------------------------------------------- divergence
