@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from gpt2repro.devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
 from gpt2repro.errors import check_writable, one_line_errors
-from gpt2repro.fileio import MiB, atomic_write_bytes, limited_lines, parse_json
+from gpt2repro.fileio import MiB, atomic_create_bytes, atomic_write_bytes, limited_lines, parse_json
 from gpt2repro.tokenizer import Tokenizer, cache_dir, get_tokenizer
 from model import GPT
 
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_result(result, args.model, source), flush=True)  # the scores first: a failed write keeps them
         if args.predictions:
             lines = "".join(json.dumps(p) + "\n" for p in result["predictions"])
-            atomic_write_bytes(Path(args.predictions), lines.encode())
+            atomic_create_bytes(Path(args.predictions), lines.encode())  # never replaces one made meanwhile
 
 
 if __name__ == "__main__":

@@ -154,6 +154,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def atomic_create_bytes(path: Path, data: bytes) -> Path:
+    """Like `atomic_write_bytes`, but a file at `path` is never replaced, even one that appeared while `data` was
+    made: the finished temp file is published with a hard link (FileExistsError when `path` is taken), or, where
+    the file system has none, by claiming the name with an exclusive create first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), public_mode())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "appeared while this ran, and is kept", str(path)) from None
+        except OSError:  # no hard links here (EPERM, ENOTSUP, ...): claim the name, then rename onto our claim
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.replace(tmp, path)
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 def refused_object(message: str) -> str:
     """The sentence of torch's multi-paragraph refusal (with terminal escapes) that names what was refused, whole."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", message)
