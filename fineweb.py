@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from gpt2repro.errors import check_writable, first_line, one_line_errors
 from gpt2repro.fileio import atomic_write_bytes, read_json, sha256_of
-from gpt2repro.shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
+from gpt2repro.shards import DTYPE, check_prefix, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from gpt2repro.tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
 
 if TYPE_CHECKING:  # datasets is imported where it is used: tokenizer workers never need it
@@ -452,6 +452,7 @@ def position_in_batch(lengths: np.ndarray, first_doc: int, j: int) -> Position:
 
 def check_options(cfg: JobConfig) -> None:
     """Numbers in range, and no hub option that --data_files would silently ignore."""
+    check_prefix(cfg.prefix)
     if cfg.shard_size < 1:
         raise FinewebError(f"--shard_size must be positive, got {cfg.shard_size}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:

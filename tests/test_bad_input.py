@@ -275,6 +275,9 @@ CASES: dict[str, Case] = {
     "fineweb text column of numbers": lambda s: (
         fineweb.main, _fineweb_args(s, "numbers.jsonl", b'{"text": 5}\n{"text": 7}\n'),
         [str(s / "numbers.jsonl"), "'text'", "--text_column"]),
+    "fineweb --prefix ../escaped": lambda s: (
+        fineweb.main, _fineweb_args(s, "doc.txt", b"some text") + ["--prefix", "../escaped"],
+        ["--prefix '../escaped'", "--out_dir"]),
     "fineweb --out_dir is a regular file": lambda s: (
         fineweb.main, _fineweb_args(s, "doc.txt", b"some text", out=s / "text.txt"),
         [str(s / "text.txt"), "--out_dir"]),
