@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -112,9 +113,19 @@ def tokenize_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat.astype(DTYPE), lengths
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool cleanly
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     gpt2_encoding()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A parent killed outright (SIGKILL, the OOM killer) never stops its pool, and a worker waiting for the next
+    batch would wait forever (it holds the task queue's write end itself): exit once the parent is gone, which
+    also lets multiprocessing's resource tracker see its last user go and exit."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------- the source corpus
@@ -171,13 +182,23 @@ def resolve_revision(cfg: JobConfig) -> str | None:
         return cfg.revision
 
 
-def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int) -> Dataset | IterableDataset:
-    """The corpus as a `datasets` Dataset (or IterableDataset with --streaming) of just the text column."""
+def content_key(source: dict) -> str:
+    """A name for the local files' exact bytes: `datasets` keys its cache of local files on path and mtime only,
+    so a file edited in place with its size and mtime kept (`cp -p`, `rsync -a`, `tar x`) would be read stale."""
+    digests = "".join(f["sha256"] for f in source.get("files", []))
+    return "sha256-" + hashlib.sha256(digests.encode()).hexdigest()[:32]
+
+
+def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int, key: str | None = None) -> Dataset | IterableDataset:
+    """The corpus as a `datasets` Dataset (or IterableDataset with --streaming) of just the text column; local
+    files are cached under the config name `key` (`content_key`), so new bytes are never served from an old cache."""
     import datasets  # here, not at the top: tokenizer workers never need it
 
     try:
         if files:
             kwargs = {"sample_by": cfg.txt_sample_by} if file_builder(files) == "text" else {}
+            if key is not None:
+                kwargs["name"] = key
             ds = datasets.load_dataset(file_builder(files), data_files=[str(f) for f in files], split=cfg.split,
                                        streaming=cfg.streaming,
                                        num_proc=None if cfg.streaming or len(files) < 2 else min(num_proc, len(files)),
@@ -425,7 +446,8 @@ def tokenized_batches(batches: Iterator[list[str]], num_proc: int) -> Iterator[t
             yield (*tokenize_documents(texts), len(texts))
         return
     # spawn on every OS: the same start method as macOS and Windows, and no fork of a process holding datasets
-    with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[tuple[Future, int]] = deque()
         try:
             for texts in batches:
@@ -561,7 +583,7 @@ def run(cfg: JobConfig) -> dict:
     if manifest["shards"]:
         print(f"resuming: keeping {len(manifest['shards'])} finished shards, going on from document {start.doc:,}")
     num_proc = cfg.num_proc or default_num_proc()
-    ds = load_corpus(cfg, files, num_proc)
+    ds = load_corpus(cfg, files, num_proc, content_key(manifest["source"]) if files else None)
     n_docs = None if cfg.streaming else len(ds)
     n_bytes = text_bytes(ds, cfg, files)
     if n_bytes == 0:  # else every document would be a lone EOT
