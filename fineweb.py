@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2repro.errors import check_writable, first_line, one_line_errors
-from gpt2repro.fileio import atomic_write_bytes, read_json, sha256_of
+from gpt2repro.fileio import atomic_write_bytes, limited_lines, parse_json, read_json, sha256_of
 from gpt2repro.shards import DTYPE, check_prefix, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from gpt2repro.tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
 
@@ -51,6 +51,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gpt2-repro token shards v1"
 BATCH_DOCS = 256  # documents per tokenizer task: ~1 MB of web text, large enough to amortize the IPC
 TOKENS_PER_BYTE = 0.3  # a deliberately high guess of GPT-2 tokens per byte of English text, for the disk check
+MAX_LINE_BYTES = 1 << 30  # one JSON line (one document) of a --data_files .jsonl, as `datasets` reads it whole
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 
 
@@ -207,6 +208,8 @@ def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int, key: str | Non
             ds = datasets.load_dataset(cfg.dataset, name=cfg.name, split=cfg.split, revision=cfg.revision,
                                        streaming=cfg.streaming, num_proc=None if cfg.streaming else num_proc)
     except Exception as e:
+        if files and file_builder(files) == "json":
+            check_json_lines(files)  # names file:line of what datasets only calls a generation error
         what = ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "") if files else cfg.dataset
         first = (str(e).strip().splitlines() or [""])[0][:200]
         hint = "check the files" if files else "check the network (and HF_HUB_OFFLINE), or read local --data_files"
@@ -221,6 +224,33 @@ def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int, key: str | Non
         raise FinewebError(f"{source_name(cfg)}: column {cfg.text_column!r} holds {kind}, not text; "
                            "pick another --text_column or clean the corpus")
     return ds.select_columns([cfg.text_column])
+
+
+def check_json_lines(files: list[Path]) -> None:
+    """Find the first line of these JSON-lines files that is not a JSON object, as `file:line`, as hellaswag.py
+    does; an empty file is named too."""
+    for path in files:
+        if path.suffix != ".jsonl":  # compressed, or a .json document: left to `datasets`' own message
+            continue
+        seen = False
+        with open(path, "rb") as f:
+            for number, raw in limited_lines(f, str(path), 1 << 62, MAX_LINE_BYTES):
+                if not raw.strip():
+                    continue
+                seen = True
+                try:
+                    record = parse_json(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise FinewebError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line); fix or "
+                                       "remove that line") from None
+                except ValueError as e:  # JSONDecodeError, nested too deeply, a number of hundreds of digits
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise FinewebError(f"{path}:{number}: not valid JSON ({reason}); fix or remove that line") from None
+                if not isinstance(record, dict):
+                    raise FinewebError(f"{path}:{number}: a JSON {type(record).__name__}, not an object with a "
+                                       "text field; fix or remove that line")
+        if not seen:
+            raise FinewebError(f"{path}: no JSON lines in it (the file is empty); pass files with documents")
 
 
 def source_name(cfg: JobConfig) -> str:

@@ -275,6 +275,11 @@ CASES: dict[str, Case] = {
     "fineweb text column of numbers": lambda s: (
         fineweb.main, _fineweb_args(s, "numbers.jsonl", b'{"text": 5}\n{"text": 7}\n'),
         [str(s / "numbers.jsonl"), "'text'", "--text_column"]),
+    "fineweb malformed jsonl line": lambda s: (
+        fineweb.main, _fineweb_args(s, "docs.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c\n{"text": "d"}\n'),
+        [f"{s / 'docs.jsonl'}:3", "not valid JSON"]),
+    "fineweb empty jsonl": lambda s: (fineweb.main, _fineweb_args(s, "empty.jsonl", b""),
+                                      [str(s / "empty.jsonl"), "no JSON lines"]),
     "fineweb --prefix ../escaped": lambda s: (
         fineweb.main, _fineweb_args(s, "doc.txt", b"some text") + ["--prefix", "../escaped"],
         ["--prefix '../escaped'", "--out_dir"]),
