@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from gpt2repro.devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
-from gpt2repro.errors import check_writable, one_line_errors
+from gpt2repro.errors import STDOUT, check_writable, one_line_errors
 from gpt2repro.fileio import MiB, atomic_create_bytes, atomic_write_bytes, limited_lines, parse_json
 from gpt2repro.tokenizer import Tokenizer, cache_dir, get_tokenizer
 from model import GPT
@@ -557,7 +557,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("limit", "batch_size", "batch_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag} must be at least 1")
-    with one_line_errors():  # HellaSwagError, CheckpointError, load_model's errors, OSError, OOM: one line each
+    # HellaSwagError, CheckpointError, load_model's errors, OSError, OOM: one line each; every file written names
+    # itself in its OSError, so one without a name is from printing the scores
+    with one_line_errors(path=STDOUT):
         if args.predictions:
             check_predictions_path(Path(args.predictions))  # before the evaluation, not after it
         device = pick_device(args.device)

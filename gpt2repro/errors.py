@@ -69,15 +69,18 @@ STDOUT = "stdout"  # the `path` of one_line_errors for a stage whose only output
 
 
 def stdout_failed() -> bool:
-    """Whether stdout cannot take its buffered output now; if so it is pointed at /dev/null, so that the flush at
-    exit does not fail a second time with a traceback of its own."""
+    """Whether stdout cannot take its buffered output now (a print to a full disk or a closed pipe)."""
     try:
         sys.stdout.flush()
         return False
     except (OSError, ValueError):  # ValueError: stdout was closed
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return True
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null once it has failed, so that the flush at exit does not fail again with a traceback."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager
@@ -91,6 +94,7 @@ def one_line_errors(oom_advice: str = OOM_ADVICE, path: str | Path = "") -> Iter
         yield
     except OSError as e:
         if not e.filename and (str(path) == STDOUT or stdout_failed()):  # a print to a full disk or a closed pipe
+            drop_stdout()
             sys.exit(f"error: cannot write to stdout ({e.strerror or e}); the output is incomplete, send it "
                      "somewhere else")
         sys.exit(f"error: {describe_os_error(e, '' if e.filename else str(path))}")

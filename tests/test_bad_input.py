@@ -217,6 +217,8 @@ CASES: dict[str, Case] = {
         export_hf.main, [str(s / "run" / "ckpt_0000002.pt"), str(s / "run")], [str(s / "run")]),
     "export onto a regular file": lambda s: (export_hf.main, [str(s / "run"), str(s / "text.txt")],
                                              [str(s / "text.txt"), "not a directory"]),
+    "export inside a regular file": lambda s: (export_hf.main, [str(s / "run"), str(s / "text.txt" / "hf")],
+                                               ["OUT_DIR", str(s / "text.txt"), "not a directory"]),
     "export over a Hugging Face dir it did not write": lambda s: (
         export_hf.main, [str(s / "run"), str(_foreign_hf_dir(s))], [str(s / "hf"), export_hf.EXPORT_MARKER]),
     "export over an earlier export holding another file": lambda s: (
@@ -455,6 +457,63 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_lost(case, scratch, cap
     assert sorted(after) == sorted(before), "files appeared or vanished"
     changed = [name for name in before if before[name] != after[name]]
     assert changed == [], f"modified: {changed}"
+
+
+def test_tiny_text_path_names_a_fix_that_exists(scratch, capsys):
+    """A text too short for one batch: the advice is a --block_size or --batch_size that fits, or more text, never
+    "--block_size (at most 0)"."""
+    (scratch / "tiny.txt").write_text("ROMEO: to be or not\n")
+    for extra, needle in ((), "--block_size 8 or less"), (("--block_size", "4"), "give it more text"):
+        msg = error_line(train_gpt2.main, train_args(scratch, "--text_path", str(scratch / "tiny.txt"), "--out_dir",
+                                                     str(scratch / "new"), *extra), capsys)
+        assert str(scratch / "tiny.txt") in msg and needle in msg and "at most 0" not in msg, msg
+    assert not (scratch / "new").exists()
+
+
+def test_export_to_the_current_directory_is_refused_naming_it(scratch, monkeypatch, capsys):
+    """`export_hf.py CKPT .` would rename over the shell's working directory: refused up front, naming OUT_DIR."""
+    (scratch / "empty").mkdir()
+    monkeypatch.chdir(scratch / "empty")
+    msg = error_line(export_hf.main, ["--no_verify", str(scratch / "run"), "."], capsys)
+    assert msg.startswith("error: OUT_DIR . is the current directory") and ".tmp" not in msg, msg
+    assert list((scratch / "empty").iterdir()) == [] and list(scratch.glob(".*")) == []
+
+
+def test_export_checks_out_dir_before_loading_the_checkpoint(scratch, monkeypatch, capsys):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before OUT_DIR was checked")
+
+    monkeypatch.setattr(export_hf, "load_checkpoint", not_reached)
+    msg = error_line(export_hf.main, ["--no_verify", str(scratch / "run"), str(scratch / "text.txt" / "hf")], capsys)
+    assert "OUT_DIR" in msg and str(scratch / "text.txt") in msg, msg
+
+
+def test_inductor_cache_dir_that_is_a_file_is_named(tmp_path, monkeypatch):
+    from gpt2repro.devices import compile_cached
+
+    (tmp_path / "cache").write_text("a file")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as e:
+        compile_cached(torch.nn.Linear(2, 2))
+    assert str(e.value).startswith(f"TORCHINDUCTOR_CACHE_DIR {tmp_path / 'cache'} is a file"), e.value
+
+
+def test_hellaswag_to_a_full_stdout_names_stdout(finished_run, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    good = '{"ind": 0, "ctx": "He", "label": 1, "activity_label": "Roofing", "endings": ["a", "b", "c", "d"]}'
+    (tmp_path / "hs.jsonl").write_text(good + "\n")
+    ckpt = tmp_path / "gpt.pt"
+    tok = get_tokenizer("gpt2")
+    save_checkpoint(model_checkpoint_fields(GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1,
+                                                          n_head=2, n_embd=16)), tok), ckpt)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "--model", str(ckpt), "--jsonl",
+                               str(tmp_path / "hs.jsonl"), "--device", "cpu"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error")]
+    assert proc.returncode == 1 and len(lines) == 1 and "stdout" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
 
 
 def test_world_size_not_dividing_the_total_batch():
