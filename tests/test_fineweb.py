@@ -198,8 +198,8 @@ def alive(pid: int) -> bool:
 def test_killed_run_resumes_to_identical_shards(corpus, finished, tmp_path):
     out = tmp_path / "shards"
     cmd = [sys.executable, str(ROOT / "fineweb.py")] + parquet_args(corpus, out) + ["--num_proc", "2"]
-    proc = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    log = open(tmp_path / "stderr.txt", "wb")  # a file, not a pipe: processes left behind would hold a pipe open
+    proc = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -209,7 +209,9 @@ def test_killed_run_resumes_to_identical_shards(corpus, finished, tmp_path):
             time.sleep(0.005)
         children = child_pids(proc.pid)  # 2 tokenizer processes and multiprocessing's resource tracker
         os.kill(proc.pid, signal.SIGKILL)  # the run alone, mid-shard, as the OOM killer or `kill -9` does it
-        _, err = proc.communicate()
+        proc.wait()
+        log.close()
+        err = (tmp_path / "stderr.txt").read_bytes()
         gone = time.monotonic() + 30
         while time.monotonic() < gone and any(alive(c) for c in children):
             time.sleep(0.1)
