@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import shakespeare
 
 import fineweb
 from gpt2repro.tokenizer import gpt2_encoding, gpt2_ranks_path
@@ -28,9 +29,7 @@ SHARD = 20_000  # tokens per shard in these tests: ~30 shards from the corpus be
 
 def make_documents(n_docs: int, seed: int = 0) -> list[str]:
     """Documents of 1-12 paragraphs of tiny Shakespeare, plus the awkward cases."""
-    path = ROOT / "input.txt"
-    if not path.exists():
-        pytest.skip("input.txt missing: run `python prepare.py`")
+    path = shakespeare()
     paragraphs = path.read_text().split("\n\n")
     rng = random.Random(seed)
     docs = []

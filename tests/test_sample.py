@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from gpt2repro.checkpoint import from_checkpoint, model_checkpoint_fields, save_checkpoint
 from gpt2repro.tokenizer import get_tokenizer
@@ -92,8 +93,7 @@ def test_stream_text_decodes_each_token_once():
     """Linear time, counted rather than timed: decoding n tokens looks at O(n) ids, not the O(n^2) of re-decoding
     the whole text at every token."""
     tok = get_tokenizer("gpt2")
-    ids = tok.encode(open(ROOT / "input.txt", encoding="utf-8").read()[:20_000]) if (ROOT / "input.txt").exists() else \
-        tok.encode("naïve café 日本語 🙂 " * 500)
+    ids = tok.encode(shakespeare().read_text(encoding="utf-8")[:20_000])
     for n in (500, 2000):
         counting = CountingTokenizer(tok)
         assert "".join(stream_text(counting, iter(ids[:n]))) == tok.decode(ids[:n])
