@@ -394,6 +394,8 @@ def sharded_model_file(spec: Path) -> Path:
             raise CheckpointError(f"--resume {spec}: no ckpt_*.pt in that directory; pass a checkpoint, or --resume "
                                   "auto to start fresh when there is none")
         path = newest
+    if not path.is_file():
+        raise CheckpointError(f"--resume {spec}: no such checkpoint; pass a ckpt_*.pt, its .dcp dir or a run dir")
     if not path.with_suffix(".dcp").is_dir():
         raise CheckpointError(f"--resume {spec}: {path.with_suffix('.dcp').name}/ (the optimizer state of a sharded "
                               "run) is missing; resume a --fsdp false run with --fsdp false")

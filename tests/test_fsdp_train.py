@@ -198,3 +198,42 @@ def test_blocks_compiled_one_by_one_train_as_eager(text, tmp_path):
     assert eager.keys() == compiled.keys()  # the state dict keeps its keys: blocks are compiled in place
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-5
     assert losses(tmp_path / "true") == pytest.approx(losses(tmp_path / "false"), abs=1e-5)
+
+
+def test_hostile_training_state_entry_never_runs(runs, text, tmp_path):
+    """The shards' one non-tensor entry replaced by a pickle that calls os.system: refused in one line."""
+    import io
+
+    from gpt2repro.sharding import SafeReader
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["fsdp muon"], out)
+    shards = out / "ckpt_0000009.dcp"
+    metadata = SafeReader(shards).read_metadata()
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    info = next(v for k, v in metadata.storage_data.items() if k.fqn == "train")
+    data_file = shards / info.relative_path
+    info.offset, info.length = data_file.stat().st_size, len(payload.getvalue())
+    with open(data_file, "ab") as f:
+        f.write(payload.getvalue())
+    (shards / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(SystemExit, match="entry train refused.*system"):
+        train_gpt2.main(flags(text, out) + ["--fsdp", "true", "--resume", "auto", "--max_steps", "10"])
+    assert not marker.exists()
+
+
+def test_resume_from_a_named_sharded_checkpoint(runs, text, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(runs["fsdp muon"], out)
+    capsys.readouterr()
+    train_gpt2.main(flags(text, out) + ["--fsdp", "true", "--resume", str(out / "ckpt_0000009.dcp"), "--max_steps",
+                                        "10"])
+    assert "at step 9" in capsys.readouterr().out
+    assert sorted(losses(out)) == [*range(MAX_STEPS), 9]
+    with pytest.raises(SystemExit, match="no such checkpoint"):  # pruned by --keep_last
+        train_gpt2.main(flags(text, tmp_path / "a") + ["--fsdp", "true", "--resume", str(out / "ckpt_0000003.pt")])
+    whole = runs["ddp muon"] / "ckpt_0000009.pt"  # a run without --fsdp has no shards
+    with pytest.raises(SystemExit, match=r"ckpt_0000009.dcp/ \(the optimizer state of a sharded run\) is missing"):
+        train_gpt2.main(flags(text, tmp_path / "b") + ["--fsdp", "true", "--resume", str(whole)])
