@@ -81,6 +81,37 @@ def newton_schulz_seconds(model: torch.nn.Module) -> float:
     return time.perf_counter() - t0
 
 
+def orthogonalise_seconds(model: torch.nn.Module, scheme: str, repeats: int = 3) -> float:
+    """Orthogonalising every hidden matrix's update once when each rank holds half of its rows, as Muon must under
+    FSDP: "gather" (every rank all-gathers every matrix, orthogonalises all, keeps its rows: what muon.py does) or
+    "own" (rank i % world gathers matrix i alone, orthogonalises it and scatters the rows back)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mats = [p.detach() for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    rows = [m.chunk(world)[rank].contiguous() for m in mats]  # this rank's rows (the bench's sizes split evenly)
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if scheme == "gather":
+            for mine in rows:
+                parts = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(parts, mine)
+                orthogonalize(torch.cat(parts)).chunk(world)[rank]
+        else:  # gather to the owners, every owner orthogonalises its own at once, scatter the rows back
+            owned = {}
+            for i, mine in enumerate(rows):
+                parts = [torch.empty_like(mine) for _ in range(world)] if rank == i % world else None
+                dist.gather(mine, parts, dst=i % world)
+                if parts is not None:
+                    owned[i] = parts
+            done = {i: list(orthogonalize(torch.cat(parts)).chunk(world)) for i, parts in owned.items()}
+            for i, mine in enumerate(rows):
+                dist.scatter(torch.empty_like(mine), done.get(i), src=i % world)
+        dist.barrier()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main(n_layer: int, n_embd: int, steps: int) -> None:
     torch.manual_seed(0)
     base = GPT(GPTConfig(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd, block_size=T,
@@ -96,6 +127,8 @@ def main(n_layer: int, n_embd: int, steps: int) -> None:
             result[f"{kind} {optimizer}"] = {"seconds": seconds, **nbytes}
             del model, raw, opt, m
     result["newton_schulz_seconds"] = newton_schulz_seconds(base)
+    result["gather_seconds"] = orthogonalise_seconds(base, "gather")
+    result["own_seconds"] = orthogonalise_seconds(base, "own")
     result["params"] = sum(p.numel() for p in base.parameters())
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)

@@ -1,6 +1,7 @@
 """Sharded training on CPU, 2 gloo ranks side by side in one torchrun: per-rank bytes of parameters, gradients and
 optimizer state, and step time, of DDP (gradients as bucket views) and FSDP (`--fsdp true`), with AdamW and with
-Muon; and the share of a Muon step that each FSDP rank spends repeating Newton–Schulz on every whole matrix.
+Muon; the share of a Muon step that each FSDP rank spends repeating Newton–Schulz on every whole matrix; and the
+two ways of orthogonalising whole matrices from row shards (every rank gathers all, or each matrix's owner).
 
     python -m bench sharding [--quick]
 
@@ -49,6 +50,10 @@ def run(quick: bool = False) -> list[Row]:
     rows.append(Row("sharding", f"Newton-Schulz on every hidden matrix, one rank, {tag}",
                     r["newton_schulz_seconds"] * 1000, "ms", "FSDP Muon step",
                     r["newton_schulz_seconds"] / r["fsdp muon"]["seconds"]))
+    rows.append(Row("sharding", f"Muon's whole matrices: all-gather each, orthogonalise all, keep own rows, {tag}",
+                    r["gather_seconds"] * 1000, "ms"))
+    rows.append(Row("sharding", f"Muon's whole matrices: each to its owner rank and back, {tag}",
+                    r["own_seconds"] * 1000, "ms", "gather, keep rows", r["own_seconds"] / r["gather_seconds"]))
     return rows
 
 
