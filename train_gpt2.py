@@ -80,9 +80,10 @@ from gpt2repro.devices import (
     use_compile_cache,
 )
 from gpt2repro.errors import one_line_errors
+from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES, ModelConfig
 from gpt2repro.rundir import CONFIG_FILE, METRICS_FILE, Metrics, RunLock, write_config
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding, tokenizer_from_dict
-from model import MODEL_TYPES, GPTConfig, LanguageModel
+from model import LanguageModel
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -147,21 +148,22 @@ def build_data(
     return tokenizer, *loaders
 
 
-def gpt_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTConfig:
-    """The model the flags describe: every GPTConfig field has a TrainConfig flag of the same name (vocab 0 = the
-    tokenizer's)."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**values | {"vocab_size": cfg.vocab_size or tokenizer.vocab_size})
+def gpt_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The model the flags describe: every field of the model type's config (GPTConfig, LectureConfig) has a
+    TrainConfig flag of the same name (vocab 0 = the tokenizer's)."""
+    config_class = MODEL_CONFIGS[cfg.model_type]
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(config_class)}
+    return config_class(**values | {"vocab_size": cfg.vocab_size or tokenizer.vocab_size})
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> LanguageModel:
     """A fresh model from the config's fields, or the `--init` model (whose tokenizer must match the data's)."""
     if not cfg.init:
+        if cfg.model_type in ("gpt", "lecture") and cfg.n_embd % cfg.n_head:
+            raise ConfigError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
         mc = gpt_config(cfg, tokenizer)
         if mc.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"--vocab_size {mc.vocab_size} is below the tokenizer's {tokenizer.vocab_size}; raise it")
-        if cfg.model_type == "gpt" and mc.n_embd % mc.n_head:
-            raise ConfigError(f"--n_embd {mc.n_embd} is not divisible by --n_head {mc.n_head}")
         return MODEL_TYPES[cfg.model_type](mc)
     model, init_tokenizer = load_model(cfg.init)
     if init_tokenizer.to_dict() != tokenizer.to_dict():

@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gpt2repro.devices import DTYPES
-from model import CONFIG_CHOICES, MODEL_TYPES, OPTIMIZERS
+from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES
+from model import CONFIG_CHOICES, OPTIMIZERS
 
 FINEWEB_DIR = "edu_fineweb10B"
 DATA_KINDS = ("shards", "char", "gpt2-text", "addition")
@@ -38,7 +39,7 @@ class TrainConfig:
     ops: str = "+"  # --data addition: the operators, "+" or "+-"
     # model: from scratch, or --init gpt2|HF_DIR|CHECKPOINT (then the model fields below are ignored)
     init: str = ""
-    model_type: str = "gpt"  # gpt | bigram
+    model_type: str = "gpt"  # gpt | bigram | lecture (lecture.py: the lecture's model, a switch per stage)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -52,6 +53,10 @@ class TrainConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0  # 0 = off
     zero_init: bool = False  # output projections start at zero
+    # --model_type lecture only (see LectureConfig): the lecture's stages
+    ffwd: bool = False
+    residual: bool = False
+    layernorm: bool = False
     vocab_size: int = 50304  # 50257 padded to a multiple of 128 for faster matmuls; 0 = the tokenizer's
     block_size: int = 1024  # T, the sequence length trained on
     # optimization
@@ -146,6 +151,29 @@ CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_
            **CONFIG_CHOICES}
 
 SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
+# Karpathy's lecture "Let's build GPT", stage by stage (docs/lecture.md): its batches, context and learning rates,
+# its optimizer as far as ours goes (AdamW at PyTorch's betas and weight decay 0.01, a constant LR, no clipping),
+# evaluation every 500 steps on 200 val batches, and 500 characters sampled from a newline at the end.
+LECTURE = SHAKESPEARE | dict(
+    model_type="lecture", n_embd=32, n_head=4, n_layer=1, block_size=8, batch_size=32, total_batch_size=256,
+    max_steps=5000, max_lr=1e-3, min_lr=1e-3, warmup_steps=0, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+    grad_clip=0.0, eval_interval=500, eval_iters=200, sample_interval=0, num_samples=1, sample_tokens=500,
+    sample_prompt="", log_interval=500, ckpt_interval=5000, compile=False, dtype="float32",
+)
+LECTURE_PRESETS = {
+    "lecture-bigram": LECTURE | dict(model_type="bigram", max_steps=3000, max_lr=1e-2, min_lr=1e-2, eval_interval=300,
+                                     ckpt_interval=3000),
+    "lecture-head": LECTURE | dict(n_head=1),
+    "lecture-heads": LECTURE,
+    "lecture-ffwd": LECTURE | dict(ffwd=True),
+    "lecture-blocks": LECTURE | dict(ffwd=True, n_layer=3),
+    "lecture-residual": LECTURE | dict(ffwd=True, n_layer=3, residual=True),
+    "lecture-layernorm": LECTURE | dict(ffwd=True, n_layer=3, residual=True, layernorm=True),
+    "lecture-dropout": LECTURE | dict(ffwd=True, n_layer=3, residual=True, layernorm=True, dropout=0.2),
+    "lecture-gpt": LECTURE | dict(ffwd=True, residual=True, layernorm=True, dropout=0.2, n_embd=384, n_head=6,
+                                  n_layer=6, block_size=256, batch_size=64, total_batch_size=16384, max_lr=3e-4,
+                                  min_lr=3e-4),
+}
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU model (4 x 128, context 64) at batch 32 with the two large winners of `python -m bench ablate`:
     # rotary positions and Muon (lr 0.04) for the blocks' matrices, AdamW at 4x nanoGPT's LR for the rest (relu²
@@ -165,6 +193,7 @@ PRESETS: dict[str, dict] = {
         min_lr=1e-3, warmup_steps=0, weight_decay=0.0, eval_interval=500, eval_iters=50, sample_interval=0,
         num_samples=1, sample_tokens=200, log_interval=250, ckpt_interval=1500, compile=False, dtype="float32",
     ),
+    **LECTURE_PRESETS,
     "shakespeare-gpt2": dict(
         data="gpt2-text", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=2048,
         max_steps=1000, max_lr=1e-3, min_lr=1e-4, warmup_steps=50, eval_interval=100, eval_iters=20,
@@ -302,6 +331,7 @@ def check_config(cfg: TrainConfig) -> None:
         why = out_of_bounds(name, getattr(cfg, name))
         if why:
             raise ConfigError(f"--{name} {getattr(cfg, name)} {why}")
+    check_model_type_fields(cfg)
     if cfg.min_lr > cfg.max_lr:
         raise ConfigError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}; lower it")
     if cfg.eval_only and not cfg.init:
@@ -311,6 +341,18 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.hellaswag_jsonl and cfg.data in ("char", "addition"):
         raise ConfigError(f"--hellaswag_jsonl: HellaSwag is scored in GPT-2 tokens and --data {cfg.data} has its own "
                           "vocabulary; drop the flag")
+
+
+def check_model_type_fields(cfg: TrainConfig) -> None:
+    """A model field the --model_type has no use for is refused when set, rather than ignored."""
+    if cfg.init:  # the model comes from --init; its fields are documented as ignored
+        return
+    own = {f.name for f in fields(MODEL_CONFIGS[cfg.model_type])}
+    others = {f.name for config_class in MODEL_CONFIGS.values() for f in fields(config_class)} - own
+    for name in sorted(others):
+        if getattr(cfg, name) != getattr(TrainConfig, name):
+            users = [t for t, c in MODEL_CONFIGS.items() if name in {f.name for f in fields(c)}]
+            raise ConfigError(f"--{name} is for --model_type {' or '.join(users)}, not {cfg.model_type}; drop it")
 
 
 def fit_to_world(cfg: TrainConfig, world_size: int) -> TrainConfig:

@@ -1,12 +1,21 @@
 """lecture.py: its attention against a naive loop and against model.py's batched attention (the lecture's EX1),
 its stages as the lecture builds them, and every lecture-* preset trained, checkpointed, resumed and sampled."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import train_gpt2
+from gpt2repro import config
+from gpt2repro.checkpoint import load_checkpoint, load_model
 from lecture import Block, FeedForward, Head, LectureConfig, LectureLanguageModel, MultiHeadAttention
-from model import CausalSelfAttention, GPTConfig
+from model import BigramLanguageModel, CausalSelfAttention, GPTConfig
+from prepare import ensure_shakespeare
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def naive_head(x: torch.Tensor, head: Head) -> torch.Tensor:
@@ -131,3 +140,89 @@ def test_dropout_is_off_in_eval_and_on_in_training():
     model.train()
     assert not torch.allclose(model(idx)[0], model(idx)[0])
     assert F.softmax(model.eval()(idx)[0], -1).sum(-1).allclose(torch.ones(4, 8))
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+LECTURE_PRESETS = [name for name in config.PRESETS if name.startswith("lecture-") and name != "lecture-fast"]
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:20000])
+    return path
+
+
+def short(preset: str, text: Path, out: Path, *extra: str) -> list[str]:
+    """The preset at its own model and optimizer, on a small text, for a few steps; the scaled-up one smaller."""
+    small = ["--n_embd", "48", "--n_layer", "2", "--block_size", "32", "--batch_size", "4", "--total_batch_size",
+             "128"] if preset == "lecture-gpt" else []
+    return ["--preset", preset, "--text_path", str(text), "--out_dir", str(out), "--device", "cpu", "--eval_iters",
+            "2", "--eval_interval", "3", "--sample_tokens", "20", *small, *extra]
+
+
+def test_the_presets_are_the_lectures_stages_in_order():
+    assert LECTURE_PRESETS == ["lecture-bigram", "lecture-head", "lecture-heads", "lecture-ffwd", "lecture-blocks",
+                               "lecture-residual", "lecture-layernorm", "lecture-dropout", "lecture-gpt"]
+    for name in LECTURE_PRESETS:
+        cfg = config.parse_config(["--preset", name])
+        # the lecture's optimizer: AdamW at PyTorch's defaults but the LR, which is constant; no clipping
+        assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.999, 1e-8, 0.01, 0.0)
+        assert cfg.min_lr == cfg.max_lr and cfg.warmup_steps == 0 and cfg.optimizer == "adamw"
+        assert cfg.eval_iters == 200 and cfg.data == "char" and cfg.val_fraction == 0.1
+        assert cfg.total_batch_size == cfg.batch_size * cfg.block_size  # one micro-batch per step
+    gpt = config.parse_config(["--preset", "lecture-gpt"])
+    assert (gpt.n_embd, gpt.n_head, gpt.n_layer, gpt.block_size, gpt.batch_size, gpt.dropout, gpt.max_lr,
+            gpt.max_steps) == (384, 6, 6, 256, 64, 0.2, 3e-4, 5000)
+
+
+@pytest.mark.parametrize("preset", LECTURE_PRESETS)
+def test_every_stage_trains_checkpoints_and_samples(preset, small_text, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = train_gpt2.main(short(preset, small_text, out, "--max_steps", "3"))
+    assert math.isfinite(result["val_loss"]) and result["step"] == 3
+    sample = capsys.readouterr().out.split("sample at step 3:\n")[1]
+    assert len(sample) >= 20  # a newline, then 20 characters
+    ckpt = load_checkpoint(out / "ckpt_0000003.pt")
+    assert ckpt["model_type"] == ("bigram" if preset == "lecture-bigram" else "lecture")
+    model, _ = load_model(str(out / "ckpt_0000003.pt"))
+    assert type(model) is (BigramLanguageModel if preset == "lecture-bigram" else LectureLanguageModel)
+    assert model.config == train_gpt2.gpt_config(config.parse_config(short(preset, small_text, out)), model_tokenizer(
+        small_text))
+
+
+def model_tokenizer(text: Path):
+    from gpt2repro.tokenizer import get_tokenizer
+
+    return get_tokenizer("char", text=text.read_text())
+
+
+def test_a_resumed_stage_continues_exactly(small_text, tmp_path):
+    """Six steps with dropout, stopped and resumed at 3, give the weights of six in one go (model, optimizer, data
+    order and dropout's RNG restored)."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    train_gpt2.main(short("lecture-dropout", small_text, out, "--max_steps", "3", "--num_samples", "0"))
+    resumed = train_gpt2.main(short("lecture-dropout", small_text, out, "--max_steps", "6", "--resume", "auto",
+                                    "--num_samples", "0"))
+    train_gpt2.main(short("lecture-dropout", small_text, straight, "--max_steps", "6", "--num_samples", "0"))
+    a, b = load_checkpoint(out / "ckpt_0000006.pt"), load_checkpoint(straight / "ckpt_0000006.pt")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert resumed["val_loss"] == b["val_loss"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--preset", "lecture-heads", "--pos", "rope"], "--pos is for --model_type gpt or bigram, not lecture"),
+    (["--preset", "shakespeare-char", "--residual", "true"], "--residual is for --model_type lecture, not gpt"),
+])
+def test_a_flag_the_model_type_has_no_use_for_is_refused(flags, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse_config(flags)
+
+
+def test_a_resume_with_other_stage_switches_is_refused(small_text, tmp_path):
+    out = tmp_path / "run"
+    train_gpt2.main(short("lecture-ffwd", small_text, out, "--max_steps", "2", "--num_samples", "0"))
+    with pytest.raises(SystemExit, match="residual=False"):
+        train_gpt2.main(short("lecture-ffwd", small_text, out, "--max_steps", "4", "--resume", "auto",
+                              "--residual", "true"))
