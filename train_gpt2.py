@@ -595,6 +595,25 @@ def announce(cfg: TrainConfig, d: Dist, raw: LanguageModel, tokenizer: Tokenizer
           f"{accum} micro-step(s) x {cfg.batch_size} x {cfg.block_size}")
 
 
+def given_tokenizer(cfg: TrainConfig, ckpt: dict | None) -> Tokenizer | None:
+    """The tokenizer the data must be read with, or None to build it from the data: a resumed run's, except for a
+    character vocabulary made from the text (rebuilt, so a changed text is caught); and a character checkpoint's
+    given as --init, whose vocabulary must then cover the text (pretrained on a larger corpus, say)."""
+    if ckpt:
+        keeps_vocab = cfg.data != "char" or ckpt.get("train_config", {}).get("init")
+        return tokenizer_from_dict(ckpt["tokenizer"]) if keeps_vocab else None
+    if cfg.init and cfg.data == "char" and Path(cfg.init).is_file():
+        tokenizer = tokenizer_from_dict(load_checkpoint(cfg.init)["tokenizer"])
+        if tokenizer.name != "char":
+            return None  # build_model names the mismatch
+        unseen = sorted(set(read_text(cfg.text_path)) - set(tokenizer.chars))
+        if unseen:
+            raise ConfigError(f"--text_path {cfg.text_path} has characters that --init {cfg.init}'s vocabulary "
+                              f"lacks ({''.join(unseen)!r}); pretrain on a text that holds them")
+        return tokenizer
+    return None
+
+
 def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: Path | None, dtype: torch.dtype):
     """The data and the model: the checkpoint's when resuming, else new; with the micro-batch chosen where it is
     `auto`. Returns the config with that batch, the tokenizer, both loaders and the model on its device."""
@@ -602,8 +621,7 @@ def restore_or_build(cfg: TrainConfig, d: Dist, ckpt: dict | None, resume_path: 
     if auto_batch(cfg, d.device):  # loaders are built at the upper bound first, then again at the chosen size
         trained = (ckpt or {}).get("train_config", {}).get("batch_size")
         cfg = dataclasses.replace(cfg, batch_size=trained or cfg.batch_size or preset_batch_size(cfg.preset))
-    hint = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt and cfg.data != "char" else None
-    tokenizer, train_loader, val_loader = build_data(cfg, d, hint)
+    tokenizer, train_loader, val_loader = build_data(cfg, d, given_tokenizer(cfg, ckpt))
     raw = restore_model(cfg, ckpt, resume_path, tokenizer) if ckpt else build_model(cfg, tokenizer)
     check_sample_prompt(cfg, tokenizer)  # after the vocabulary check: a changed text is the cause to name
     if cfg.block_size > raw.config.block_size:

@@ -226,3 +226,26 @@ def test_a_resume_with_other_stage_switches_is_refused(small_text, tmp_path):
     with pytest.raises(SystemExit, match="residual=False"):
         train_gpt2.main(short("lecture-ffwd", small_text, out, "--max_steps", "4", "--resume", "auto",
                               "--residual", "true"))
+
+
+def test_finetune_reads_the_text_with_the_pretrained_vocabulary(small_text, tmp_path):
+    """EX3's mechanics: a character model pretrained on a text with more characters than Shakespeare finetunes on
+    Shakespeare in its own vocabulary (and resumes so); a text with a character it never had is refused."""
+    wider = tmp_path / "wider.txt"
+    wider.write_text(small_text.read_text() + "{[#0123456789]}\n" * 50)
+    pre = tmp_path / "pre"
+    train_gpt2.main(short("lecture-layernorm", wider, pre, "--max_steps", "2", "--num_samples", "0"))
+    pretrained = load_checkpoint(pre / "ckpt_0000002.pt")
+    assert set(pretrained["tokenizer"]["chars"]) > set(small_text.read_text())
+    fine = tmp_path / "fine"
+    flags = ["--init", str(pre / "ckpt_0000002.pt"), "--max_lr", "3e-4", "--min_lr", "3e-4", "--num_samples", "0"]
+    train_gpt2.main(short("lecture-layernorm", small_text, fine, "--max_steps", "2", *flags))
+    finetuned = load_checkpoint(fine / "ckpt_0000002.pt")
+    assert finetuned["tokenizer"] == pretrained["tokenizer"]
+    assert not torch.equal(finetuned["model"]["lm_head.weight"], pretrained["model"]["lm_head.weight"])
+    train_gpt2.main(short("lecture-layernorm", small_text, fine, "--max_steps", "4", "--resume", "auto", *flags))
+    assert load_checkpoint(fine / "ckpt_0000004.pt")["tokenizer"] == pretrained["tokenizer"]
+    other = tmp_path / "other.txt"
+    other.write_text(small_text.read_text() + "\u00e9\n")
+    with pytest.raises(SystemExit, match=r"other.txt has characters that --init .* lacks \('\xe9'\)"):
+        train_gpt2.main(short("lecture-layernorm", other, tmp_path / "refused", "--max_steps", "2", *flags))
