@@ -1,6 +1,7 @@
 # The two commands on a fresh machine:
 #   make demo   set up, train the tiny Shakespeare preset on CPU, print a sample
 #   make test   set up, lint, run the whole test suite
+# What set-up installs and verifies: docs/setup.md
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3

@@ -35,6 +35,7 @@ import torch
 from gpt2repro.checkpoint import (
     OUR_TOKENIZER_FILE,
     CheckpointError,
+    hf_config_fields,
     latest_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
@@ -42,7 +43,7 @@ from gpt2repro.checkpoint import (
 from gpt2repro.devices import quiet_library_logs
 from gpt2repro.fileio import public_mode, sha256_of
 from gpt2repro.tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
-from model import CONV1D_WEIGHTS, GPT, GPTConfig, hf_config_fields
+from model import CONV1D_WEIGHTS, GPT, GPTConfig
 
 if TYPE_CHECKING:  # imported where used: transformers is slow to import
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -123,12 +124,12 @@ def unexportable_option(config: GPTConfig) -> str:
 
 
 def hf_config(config: GPTConfig, vocab_size: int, eot: int | None) -> GPT2Config:
-    """The `transformers` GPT2Config of our model with `vocab_size` rows (options as `model.hf_config_fields`)."""
+    """The `transformers` GPT2Config of our model with `vocab_size` rows (options as `checkpoint.hf_config_fields`)."""
     from transformers import GPT2Config
 
     return GPT2Config(
         vocab_size=vocab_size,
-        **hf_config_fields(config),  # the same table GPT.from_pretrained reads them back with
+        **hf_config_fields(config),  # the same table checkpoint.load_pretrained reads them back with
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,

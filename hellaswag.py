@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from gpt2repro.devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
 from gpt2repro.errors import check_writable, one_line_errors
+from gpt2repro.eval_mode import eval_mode
 from gpt2repro.fileio import atomic_write_bytes
 from gpt2repro.tokenizer import Tokenizer, cache_dir, get_tokenizer
 from model import GPT
@@ -484,15 +485,10 @@ def evaluate(
     block_size = getattr(config, "block_size", None) or getattr(config, "n_positions", None)
     mine = list(range(rank, len(examples), world_size))
     encoded = _encode_all(examples, mine, tokenizer, block_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(str(device), dtype):
-            # a padded model vocab has unused logits past the tokenizer's ids
-            sums, counts = score(model, encoded, tokenizer.vocab_size, batch_tokens, batch_size, device, compile,
-                                 progress and rank == 0)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast(str(device), dtype):
+        # a padded model vocab has unused logits past the tokenizer's ids
+        sums, counts = score(model, encoded, tokenizer.vocab_size, batch_tokens, batch_size, device, compile,
+                             progress and rank == 0)
     predictions = _predictions(examples, mine, sums, counts)
     n_correct, n_correct_norm, n_total = _tally(predictions, device, world_size > 1)
     return {

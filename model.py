@@ -1,7 +1,10 @@
-"""GPT-2, exactly as OpenAI's, in one file, plus the lecture's bigram baseline.
+"""GPT-2, exactly as OpenAI's, in one file, and the lecture's bigram baseline.
 
-GPTConfig also offers later practice, each option off by default: rotary positions, RMSNorm, relu², QK-norm,
-an untied head, logit soft-capping and zero-initialised projections (the Muon optimizer is in muon.py).
+Read from the top: GPTConfig, the attention, the MLP, the Block and the GPT built from them. After GPT, a section of
+later practice (rotary positions, RMSNorm, relu², QK-norm, logit soft-capping; GPTConfig also offers an untied head
+and zero-initialised projections), each option off by default; the bigram baseline comes last. Decoding with a KV
+cache lives in gpt2repro/generate.py, the chunked loss in gpt2repro/loss.py, the checks for loading a Hugging Face
+directory in gpt2repro/checkpoint.py.
 
 References:
 1) OpenAI's GPT-2 TensorFlow implementation and the Hugging Face `transformers` one (same parameter names).
@@ -12,27 +15,18 @@ References:
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2repro.fileio import refused_object
+import gpt2repro.generate as generation
+from gpt2repro.gpt2_sizes import HF_MODELS
 from gpt2repro.loss import linear_cross_entropy
 from gpt2repro.muon import CombinedOptimizer, Muon
-
-if TYPE_CHECKING:  # imported where used: transformers is slow to import
-    from transformers import GPT2Config
-
-# GPT-2's checkpoints store these weights as Conv1D (in, out); nn.Linear wants (out, in)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -44,7 +38,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
-    # later practice (nanochat, the modded-nanogpt speedrun); each default is GPT-2's
+    # later practice (its section below); each default is GPT-2's
     # learned: absolute position table wpe; rope: rotary q/k, no wpe. Either way a forward pass covers at most
     # block_size positions; generation past it slides a window over the last block_size tokens (see next_logits)
     pos: str = "learned"
@@ -68,77 +62,28 @@ class GPTConfig:
 
 # the allowed values of GPTConfig's string options, first the GPT-2 default
 CONFIG_CHOICES = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
-ROPE_BASE = 10000.0  # RoFormer's θ base: frequencies θ_i = base^(-2i/head_size)
-RMSNORM_EPS = 1e-5  # as nn.LayerNorm's default
 
 
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) over the last dimension, without a gain: nothing to learn, nothing to decay."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), eps=RMSNORM_EPS)
-
-
-def make_norm(config: GPTConfig) -> nn.Module:
-    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
-
-
-def rotary_tables(head_size: int, n_pos: int, base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (n_pos, head_size/2) of the angle p·θ_i for position p and frequency θ_i, in float32."""
-    inv_freq = base ** -(torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
-    angle = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)
-    return angle.cos().float(), angle.sin().float()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hs) by its position's angles (T, hs/2): the pair (x[i], x[i + hs/2]) is a complex number
-    multiplied by e^{i p θ_i} (the half-split layout of GPT-NeoX/Llama), so q·k depends only on the offset."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap·tanh(logits/cap), in float32: logits stay in (-cap, cap), smoothly; cap 0 returns them unchanged."""
-    return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits
-
-
-# cos, sin of the positions being run: (T, head_size/2) shared by every row, or (B, 1, T, head_size/2) per row
-RopeAngles = tuple[torch.Tensor, torch.Tensor]
-# what a cache gives attention: all keys, all values, the boolean mask (True = attend) or None, and is_causal
-CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]
-
-
-@dataclass
-class StaticKVCache:
-    """Keys and values in tensors of fixed shape (B, n_head, max_len, head_size), one per layer, written at the
-    given columns, with the mask saying which columns each query sees: the shapes never change, so a decode step
-    can be one CUDA graph (generate.py). Rows may be left-padded; the mask hides the padding."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    cols: torch.Tensor  # (T,) the columns this step's keys/values go to
-    mask: torch.Tensor | None  # (B, 1, T, width), True = attend; None: T > 1 queries fill [0, T) causally, one sees all
-    width: int  # attention reads columns [0, width)
-
-    @staticmethod
-    def allocate(config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> tuple[list, list]:
-        """Zeroed key and value tensors per layer: never-written columns are masked, but must not be NaN
-        (attention weight 0 times NaN is NaN)."""
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        return new(), new()
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
-        k_all, v_all = self.k[layer], self.v[layer]
-        k_all[:, :, self.cols] = k.to(k_all.dtype)
-        v_all[:, :, self.cols] = v.to(v_all.dtype)
-        # without a mask, T > 1 new queries fill columns [0, T) causally; one new query sees every column
-        return k_all[:, :, : self.width], v_all[:, :, : self.width], self.mask, self.mask is None and k.size(2) > 1
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = True,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The lecture's attention written out, softmax(q·kᵀ/√d)·v for q (B, nh, T, hs) and k, v (B, nh, S, hs):
+    `is_causal`, query t sees keys 0..t; else `mask` (True = attend) says which keys, None all of them.
+    CausalSelfAttention computes the same with F.scaled_dot_product_attention (one fused kernel)."""
+    att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S): how much query t attends to key s
+    if is_causal:  # no token sees the future
+        mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=att.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = att.softmax(dim=-1)
+    if dropout_p > 0:
+        att = F.dropout(att, dropout_p)
+    return att @ v  # each query's weighted average of the values
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         # query, key, value projections for all heads in one matmul, as GPT-2's c_attn
@@ -149,15 +94,18 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
+        self.layer_idx = layer_idx  # which layer of a KV cache holds this one's keys and values
+        self.reference = False  # True: attention_reference instead of SDPA (tests hold the two equal)
 
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: StaticKVCache | None = None,
-        layer: int = 0,
         rope: RopeAngles | None = None,
+        kv_cache: generation.StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`rope`: the positions' rotary angles (later practice); `kv_cache`: earlier positions' keys and values
+        (decoding, generate.py); `attn_mask` (True = may attend): another pattern than causal."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -165,16 +113,17 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # before caching: cached keys keep the rotation of their own position
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.qk_norm:  # a rotation keeps the norm, so the order with rope does not matter
-            q, k = F.rms_norm(q, (q.size(-1),), eps=RMSNORM_EPS), F.rms_norm(k, (k.size(-1),), eps=RMSNORM_EPS)
+            q, k = rms_norm(q), rms_norm(k)
         mask, is_causal = None, T > 1
         if kv_cache is not None:
-            k, v, mask, is_causal = kv_cache.update(layer, k, v)
+            k, v, mask, is_causal = kv_cache.update(self.layer_idx, k, v)
         if attn_mask is not None:  # the caller's own pattern (e.g. several sequences packed in one row)
             mask, is_causal = attn_mask, False
-        # flash attention where the backend has it
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if self.reference:
+            y = attention_reference(q, k, v, mask, is_causal, dropout_p)
+        else:  # the same in one fused kernel: flash attention where the backend has it
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -183,7 +132,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 used GELU's tanh approximation; relu² (Primer, So et al. 2021) is cheaper and sparser
+        # GPT-2 used GELU's tanh approximation; relu² (later practice) is cheaper and sparser
         self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLU2()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -192,31 +141,25 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-class ReLU2(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x).square()
-
-
 class Block(nn.Module):
     """Pre-LayerNorm Transformer block: the residual stream is never normalised, only its inputs."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: StaticKVCache | None = None,
-        layer: int = 0,
         rope: RopeAngles | None = None,
+        kv_cache: generation.StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope, attn_mask)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)  # tokens exchange information
+        return x + self.mlp(self.ln_2(x))  # then each token computes on its own
 
 
 class LanguageModel(nn.Module):
@@ -228,22 +171,18 @@ class LanguageModel(nn.Module):
         """Last-position logits (B, vocab) of `idx` (B, T), computed from the tokens alone (no cache)."""
         raise NotImplementedError
 
-    # Generation lives in generate.py (it imports this module, hence the imports inside): these are its entry points
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens, one at a time: the logits of the last
+        position (next_logits), a token sampled from their softmax, appended. The loop, its settings and the KV cache
+        that saves recomputing earlier positions are in gpt2repro/generate.py (`generate_stream`)."""
+        return generation.generate(self, idx, max_new_tokens, **kwargs)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
         """Yield the next token of every row (B,), `max_new_tokens` times or until every row has hit `eot`;
-        see `generate.generate_stream` for the sampling settings."""
-        from gpt2repro.generate import generate_stream
-
-        yield from generate_stream(self, idx, max_new_tokens, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens; see `generate.generate_stream`."""
-        from gpt2repro.generate import generate
-
-        return generate(self, idx, max_new_tokens, **kwargs)
+        see `gpt2repro.generate.generate_stream` for the sampling settings."""
+        yield from generation.generate_stream(self, idx, max_new_tokens, **kwargs)
 
     def configure_optimizers(
         self,
@@ -302,24 +241,16 @@ class LanguageModel(nn.Module):
         return CombinedOptimizer([adamw, muon])
 
 
-OPTIMIZERS = ("adamw", "muon")
-
-
-def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    """A 2-D weight inside the Transformer blocks (c_attn, c_proj, c_fc): Muon's; embeddings and the head are not."""
-    return name.startswith("transformer.h.") and p.dim() == 2
-
-
 class GPT(LanguageModel):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
         if config.pos == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
         modules |= dict(
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         )
         self.transformer = nn.ModuleDict(modules)
@@ -362,7 +293,7 @@ class GPT(LanguageModel):
     def hidden_states(
         self,
         idx: torch.Tensor,
-        kv_cache: StaticKVCache | None = None,
+        kv_cache: generation.StaticKVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -381,8 +312,8 @@ class GPT(LanguageModel):
             positions = torch.arange(T, dtype=torch.long, device=idx.device)
         x, rope = self.embed(idx, positions)
         x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i, rope, attn_mask)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache, attn_mask)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -390,12 +321,15 @@ class GPT(LanguageModel):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T; -1 = ignore), the mean cross-entropy.
 
-        The loss never materialises the fp32 logits of all rows (see loss.py); callers that need only the loss
-        (training, evaluation) pass `return_logits=False` and get None for the logits.
+        Callers that need only the loss (training, evaluation) pass `return_logits=False` and get None for the
+        logits: then no logits of all rows are ever held.
         """
         x = self.hidden_states(idx)
         loss = None
         if targets is not None:
+            # F.cross_entropy(self.logits(x).float().view(-1, V), targets.view(-1), ignore_index=-1), computed over
+            # chunks of rows so the fp32 logits of all rows never exist at once (gpt2repro/loss.py; tests hold the
+            # two equal, loss and gradients)
             loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                         softcap=self.config.logit_softcap)
         if return_logits or targets is None:
@@ -428,18 +362,17 @@ class GPT(LanguageModel):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> GPT:
-        """OpenAI's GPT-2 weights (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) or a local HF directory."""
-        from transformers import GPT2LMHeadModel
+    def from_pretrained(cls, name: str) -> GPT:
+        """OpenAI's GPT-2 weights (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`), through `transformers`.
+        A local Hugging Face directory loads with `gpt2repro.checkpoint.load_pretrained`, which checks its config."""
+        from transformers import GPT2LMHeadModel  # slow to import: only when needed
 
-        if Path(name_or_dir).is_dir():
-            check_hf_config(Path(name_or_dir) / "config.json")
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except Exception as e:
-            raise hf_load_error(name_or_dir, e) from None
-        model = cls(config_from_hf(hf.config, name_or_dir))
-        model.load_hf_state_dict(hf.state_dict(), source=name_or_dir)
+        if name not in HF_MODELS:
+            raise ValueError(f"{name!r} is not one of {', '.join(HF_MODELS)}; load a Hugging Face directory with "
+                             "gpt2repro.checkpoint.load_pretrained")
+        n_layer, n_head, n_embd, _ = HF_MODELS[name]
+        model = cls(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))  # 1024 positions, 50257 tokens
+        model.load_hf_state_dict(GPT2LMHeadModel.from_pretrained(name).state_dict(), source=name)
         return model
 
     def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -463,70 +396,73 @@ class GPT(LanguageModel):
                 dst.copy_(src)
 
 
-HF_CONFIG_SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")  # the fields GPTConfig takes
-# GPTConfig.mlp as GPT2Config.activation_function: export_hf.py writes the first name, any of them loads
-HF_ACTIVATIONS = {"gelu": ("gelu_new", "gelu_pytorch_tanh"), "relu2": ("relu2",)}
-# GPT2Config fields every GPT of ours has these values of: another value computes something this GPT cannot
-HF_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
+# GPT-2's checkpoints store these weights as Conv1D (in, out); nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def hf_config_fields(config: GPTConfig) -> dict:
-    """The GPT2Config fields that describe `config`'s shape and options (vocab, dropout and token ids aside)."""
-    return dict(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                activation_function=HF_ACTIVATIONS[config.mlp][0], tie_word_embeddings=config.tie_embeddings,
-                **HF_FIXED)
+# ----------------------------------------------------------------------------- later practice
+# Options GPT-2 did not have, each off by default (GPTConfig): nanochat and the modded-nanogpt speedrun use them.
+# The Muon optimizer itself is in gpt2repro/muon.py.
+
+ROPE_BASE = 10000.0  # RoFormer's θ base: frequencies θ_i = base^(-2i/head_size)
+RMSNORM_EPS = 1e-5  # as nn.LayerNorm's default
+# cos, sin of the positions being run: (T, head_size/2) shared by every row, or (B, 1, T, head_size/2) per row
+RopeAngles = tuple[torch.Tensor, torch.Tensor]
 
 
-def config_from_hf(c: GPT2Config, source: str) -> GPTConfig:
-    """The GPTConfig of a `transformers` GPT2Config; a field this GPT cannot reproduce is a ValueError naming
-    `source` (reorder_and_upcast_attn only changes rounding, so it is accepted)."""
-    mlp = next((ours for ours, names in HF_ACTIVATIONS.items() if c.activation_function in names), None)
-    need = {k: (getattr(c, k, v) == v, json.dumps(v)) for k, v in HF_FIXED.items()}  # field: (ok, what it needs)
-    need["activation_function"] = (mlp is not None, " or ".join(n for ns in HF_ACTIVATIONS.values() for n in ns))
-    need["n_inner"] = (getattr(c, "n_inner", None) in (None, 4 * c.n_embd), f"null or {4 * c.n_embd}")
-    for field, (ok, want) in need.items():
-        if not ok:
-            raise ValueError(f"{source}: config.json sets {field} to {getattr(c, field)!r}, which this GPT cannot "
-                             f"compute (it needs {want}); only GPT-2's architecture loads")
-    return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                     n_embd=c.n_embd, bias=True, mlp=mlp, tie_embeddings=bool(c.tie_word_embeddings))
+def make_norm(config: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm with `norm="rmsnorm"`."""
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
 
 
-def check_hf_config(path: Path) -> None:
-    """A Hugging Face config.json that is JSON with positive integer sizes, before `transformers` trips on it."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return  # transformers says what is missing
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
-        raise ValueError(f"{path}: not a readable JSON config ({str(e).splitlines()[0]}); fix or re-download it") \
-            from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: holds a {type(config).__name__}, not a JSON object; fix or re-download it")
-    for key in HF_CONFIG_SIZES:
-        value = config.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{path}: {key} is {value!r}, expected a positive integer; fix or re-download it")
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) over the last dimension, without a gain."""
+    return F.rms_norm(x, (x.size(-1),), eps=RMSNORM_EPS)
 
 
-def hf_load_error(name_or_dir: str, e: Exception) -> ValueError:
-    """One line for what `GPT2LMHeadModel.from_pretrained` raised, naming the file at fault where known."""
-    from safetensors import SafetensorError
+class RMSNorm(nn.Module):
+    """`rms_norm` as a module: nothing to learn, nothing to decay."""
 
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if isinstance(e, pickle.UnpicklingError):  # a pytorch_model.bin refused by weights_only loading
-        return ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
-                          f"({refused_object(str(e))}); use safetensors weights from a source you trust")
-    if isinstance(e, SafetensorError):
-        weights = Path(name_or_dir) / "model.safetensors"
-        where = weights if weights.is_file() else name_or_dir
-        return ValueError(f"{where}: not a readable safetensors file ({first}); it is corrupt or truncated, "
-                          "download or export it again")
-    if isinstance(e, OSError):
-        return ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {first}")
-    detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # strict-dataclass errors: 2 lines
-    return ValueError(f"{name_or_dir}: transformers cannot load it ({type(e).__name__}: {detail}); check its "
-                      "config.json and weights, or re-download it")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x)
+
+
+def rotary_tables(head_size: int, n_pos: int, base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n_pos, head_size/2) of the angle p·θ_i for position p and frequency θ_i, in float32."""
+    inv_freq = base ** -(torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angle = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by its position's angles (T, hs/2): the pair (x[i], x[i + hs/2]) is a complex number
+    multiplied by e^{i p θ_i} (the half-split layout of GPT-NeoX/Llama), so q·k depends only on the offset."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap·tanh(logits/cap), in float32: logits stay in (-cap, cap), smoothly; cap 0 returns them unchanged."""
+    return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits
+
+
+class ReLU2(nn.Module):
+    """relu(x)² (Primer, So et al. 2021)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside the Transformer blocks (c_attn, c_proj, c_fc): Muon's; embeddings and the head are not."""
+    return name.startswith("transformer.h.") and p.dim() == 2
+
+
+# ----------------------------------------------------------------------------- the lecture's baseline
 
 
 class BigramLanguageModel(LanguageModel):

@@ -14,8 +14,8 @@ unchanged AdamW rates). Muon takes the blocks' matrices at MUON_LR (0.02-0.05 in
 the embeddings, the head and any gains stay with AdamW at that peak LR. Warmup then cosine decay to a tenth over
 the budget, the same for every row.
 
-The full run is ~1,300 CPU-seconds (about 12 minutes on 2 idle cores); `--quick` is a smoke run of the
-mechanics (one seed, a few steps). `--gpu` runs the same comparison at GPT-2 124M on a CUDA GPU instead.
+The full run takes minutes on a 2-core CPU (its measured cost is in docs/benchmarks.md); `--quick` is a smoke
+run of the mechanics (one seed, a few steps). `--gpu` runs the same comparison at GPT-2 124M on a CUDA GPU instead.
 
     python -m bench.ablate [--quick] [--gpu]        (or: python -m bench ablate)
 """
@@ -87,8 +87,8 @@ GPT2_TOKENS = ("--preset", "shakespeare-gpt2", *SMALL)
 
 
 def budgets(quick: bool) -> list[Budget]:
-    """About 12 minutes in all on 2 idle cores (the 50,304-token head makes a GPT-2-token step ~10x dearer);
-    both evaluate every 1/16 of the budget, the resolution of "tokens to the baseline's"."""
+    """Minutes in all on a 2-core CPU; GPT-2 tokens get the smaller budget because the 50,304-token head makes
+    their steps far dearer. Both evaluate every 1/16 of the budget, the resolution of "tokens to the baseline's"."""
     if quick:
         return [Budget("char", CHAR, 16, 64, 12, 2, 4e-3, 4, 2),
                 Budget("gpt2 tokens", GPT2_TOKENS, 4, 64, 6, 1, 3e-3, 2, 1)]
@@ -97,8 +97,8 @@ def budgets(quick: bool) -> list[Budget]:
 
 
 def gpu_budgets(quick: bool) -> list[Budget]:
-    """GPT-2 124M for a short budget (2M tokens a run, under 10 minutes in all on one H100), on FineWeb-EDU
-    when its shards are here, else on tiny Shakespeare (where 2M tokens are ~6 epochs)."""
+    """GPT-2 124M for a short budget (2M tokens a run), on FineWeb-EDU when its shards are here, else on tiny
+    Shakespeare (where 2M tokens are ~6 epochs)."""
     shards = Path(FINEWEB_DIR).is_dir() and any(Path(FINEWEB_DIR).glob("*_train_*.npy"))
     data = ("--preset", "gpt2-124m") if shards else ("--preset", "shakespeare-gpt2", "--n_layer", "12",
                                                      "--n_head", "12", "--n_embd", "768")

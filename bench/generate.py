@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import Row, format_table
+from gpt2repro.checkpoint import load_pretrained
 from gpt2repro.devices import pick_dtype
 from gpt2repro.generate import generate_batch
 from model import GPT
@@ -121,7 +122,7 @@ def run(quick: bool = False) -> list[Row]:
     hf = GPT2LMHeadModel(GPT2Config()).eval()  # the 124M config
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = GPT.from_pretrained(tmp).eval().to(device)
+        ours = load_pretrained(tmp).eval().to(device)
     hf.to(device)
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
 

@@ -72,12 +72,13 @@ def train(preset: str, out: Path, *flags: str) -> tuple[dict, float]:
 
 
 def count_params(preset: str) -> int:
+    from gpt2repro.build import build_model
     from gpt2repro.config import parse_config
     from gpt2repro.tokenizer import get_tokenizer
 
     cfg = parse_config(["--preset", preset])
     tokenizer = get_tokenizer("char", text=(ROOT / "input.txt").read_text())
-    return sum(p.numel() for p in train_gpt2.build_model(cfg, tokenizer).parameters())
+    return sum(p.numel() for p in build_model(cfg, tokenizer).parameters())
 
 
 def small_stage_rows(quick: bool) -> list[Row]:

@@ -2,8 +2,12 @@
 
 | module | what it owns |
 |---|---|
-| `config` | `TrainConfig` (defaults = GPT-2 124M), presets, the command line, every flag's allowed range |
-| `checkpoint` | the checkpoint format; models from checkpoints, HF dirs or names (`load_model`); resume policy |
+| `config` | `TrainConfig` (defaults = GPT-2 124M; model flags = GPTConfig's fields), presets, command line, ranges |
+| `build` | a run's parts from its config: tokenizer and loaders, model, optimizer, the compiled/DDP module |
+| `resume` | which checkpoint to resume, `--out_dir` rules, data and model restored (or built), training state |
+| `stopping` | SIGINT/SIGTERM: a checkpoint at the next step boundary, then exit |
+| `eval_mode` | `with eval_mode(model):` evaluation mode for a block, the previous mode restored |
+| `checkpoint` | the checkpoint format; models from checkpoints, HF dirs (`load_pretrained`) or names (`load_model`) |
 | `data` | token loaders (sharded or in memory; striped over ranks; exact resume) |
 | `shards` | the token-shard format (name, dtype, header, open, id check) |
 | `tokenizer` | GPT-2 BPE (tiktoken, offline) and the character vocabulary, one interface |
@@ -12,7 +16,7 @@
 | `muon` | the Muon optimizer and the AdamW+Muon pair |
 | `generate` | sampling and batched decoding against a static KV cache (CUDA graphs, half-precision weights) |
 | `rundir` | a run directory: its lock, `config.json`, `metrics.jsonl` |
-| `autobatch` | `--batch_size auto`: the largest micro-batch that fits a real step |
+| `autobatch` | the micro-batch policy: accumulation steps, presets under torchrun, `--batch_size auto` |
 | `devices` | device, precision, autocast; torchrun/DDP set-up, reductions; peak FLOPs; compile and its cache; `--fp8` |
 | `cpu_caps` | native-bf16 detection and the measured CPU matmul peak per precision |
 | `errors` | one-line errors at the command-line boundary; output-path checks |

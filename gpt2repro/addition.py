@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gpt2repro.eval_mode import eval_mode
 from gpt2repro.tokenizer import AdditionTokenizer
 
 HELD_OUT_PERCENT = 1  # of all (op, a, b) problems: 10,000 of the million 3-digit additions
@@ -156,15 +157,13 @@ class AdditionLoader:
 def greedy_answers(model: torch.nn.Module, tok: AdditionTokenizer, prompts: np.ndarray, device: str,
                    batch_size: int = 500) -> np.ndarray:
     """The model's greedy answer tokens (n, answer_len) to prompt ids (n, prompt_len), in batches."""
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(prompts), batch_size):
-        idx = torch.from_numpy(prompts[i : i + batch_size]).to(device)
-        # every prompt has the same length, so a batch is one plain tensor; no eot: answers have a fixed length
-        new = model.generate(idx, tok.answer_len, temperature=0.0, vocab_size=tok.vocab_size)[:, tok.prompt_len :]
-        out.append(new.cpu().numpy())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(prompts), batch_size):
+            idx = torch.from_numpy(prompts[i : i + batch_size]).to(device)
+            # every prompt has the same length, so a batch is one plain tensor; no eot: answers have a fixed length
+            new = model.generate(idx, tok.answer_len, temperature=0.0, vocab_size=tok.vocab_size)[:, tok.prompt_len :]
+            out.append(new.cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, tok.answer_len), dtype=np.int64)
 
 

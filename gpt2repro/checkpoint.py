@@ -16,6 +16,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,10 @@ from gpt2repro.fileio import atomic_write, refused_object
 from gpt2repro.gpt2_sizes import HF_MODELS
 from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES, ModelConfig
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
-from model import GPT, LanguageModel
+from model import GPT, GPTConfig, LanguageModel
+
+if TYPE_CHECKING:  # imported where used: transformers is slow to import
+    from transformers import GPT2Config
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")
 TRAINING_KEYS = ("step", "optimizer", "loader", "rng")
@@ -198,6 +202,91 @@ def from_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Langua
     return model_from_checkpoint(ckpt, str(path)), tokenizer_from_dict(ckpt["tokenizer"])
 
 
+# ----------------------------------------------------------------------------- Hugging Face GPT-2 directories
+
+
+HF_CONFIG_SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")  # the fields GPTConfig takes
+# GPTConfig.mlp as GPT2Config.activation_function: export_hf.py writes the first name, any of them loads
+HF_ACTIVATIONS = {"gelu": ("gelu_new", "gelu_pytorch_tanh"), "relu2": ("relu2",)}
+# GPT2Config fields every GPT of ours has these values of: another value computes something this GPT cannot
+HF_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
+
+
+def load_pretrained(name_or_dir: str) -> GPT:
+    """OpenAI's GPT-2 weights (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) or a local Hugging Face directory,
+    its config checked first: only GPT-2's architecture loads, and what fails is one line naming the file."""
+    from transformers import GPT2LMHeadModel
+
+    if Path(name_or_dir).is_dir():
+        check_hf_config(Path(name_or_dir) / "config.json")
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+    except Exception as e:
+        raise hf_load_error(name_or_dir, e) from None
+    model = GPT(config_from_hf(hf.config, name_or_dir))
+    model.load_hf_state_dict(hf.state_dict(), source=name_or_dir)
+    return model
+
+
+def hf_config_fields(config: GPTConfig) -> dict:
+    """The GPT2Config fields that describe `config`'s shape and options (vocab, dropout and token ids aside)."""
+    return dict(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                activation_function=HF_ACTIVATIONS[config.mlp][0], tie_word_embeddings=config.tie_embeddings,
+                **HF_FIXED)
+
+
+def config_from_hf(c: GPT2Config, source: str) -> GPTConfig:
+    """The GPTConfig of a `transformers` GPT2Config; a field this GPT cannot reproduce is a ValueError naming
+    `source` (reorder_and_upcast_attn only changes rounding, so it is accepted)."""
+    mlp = next((ours for ours, names in HF_ACTIVATIONS.items() if c.activation_function in names), None)
+    need = {k: (getattr(c, k, v) == v, json.dumps(v)) for k, v in HF_FIXED.items()}  # field: (ok, what it needs)
+    need["activation_function"] = (mlp is not None, " or ".join(n for ns in HF_ACTIVATIONS.values() for n in ns))
+    need["n_inner"] = (getattr(c, "n_inner", None) in (None, 4 * c.n_embd), f"null or {4 * c.n_embd}")
+    for field, (ok, want) in need.items():
+        if not ok:
+            raise ValueError(f"{source}: config.json sets {field} to {getattr(c, field)!r}, which this GPT cannot "
+                             f"compute (it needs {want}); only GPT-2's architecture loads")
+    return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                     n_embd=c.n_embd, bias=True, mlp=mlp, tie_embeddings=bool(c.tie_word_embeddings))
+
+
+def check_hf_config(path: Path) -> None:
+    """A Hugging Face config.json that is JSON with positive integer sizes, before `transformers` trips on it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # transformers says what is missing
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ValueError(f"{path}: not a readable JSON config ({str(e).splitlines()[0]}); fix or re-download it") \
+            from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a {type(config).__name__}, not a JSON object; fix or re-download it")
+    for key in HF_CONFIG_SIZES:
+        value = config.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{path}: {key} is {value!r}, expected a positive integer; fix or re-download it")
+
+
+def hf_load_error(name_or_dir: str, e: Exception) -> ValueError:
+    """One line for what `GPT2LMHeadModel.from_pretrained` raised, naming the file at fault where known."""
+    from safetensors import SafetensorError
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, pickle.UnpicklingError):  # a pytorch_model.bin refused by weights_only loading
+        return ValueError(f"{name_or_dir}: refused, its weights file holds pickled objects other than tensors "
+                          f"({refused_object(str(e))}); use safetensors weights from a source you trust")
+    if isinstance(e, SafetensorError):
+        weights = Path(name_or_dir) / "model.safetensors"
+        where = weights if weights.is_file() else name_or_dir
+        return ValueError(f"{where}: not a readable safetensors file ({first}); it is corrupt or truncated, "
+                          "download or export it again")
+    if isinstance(e, OSError):
+        return ValueError(f"could not load Hugging Face GPT-2 {name_or_dir!r}: {first}")
+    detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])  # strict-dataclass errors: 2 lines
+    return ValueError(f"{name_or_dir}: transformers cannot load it ({type(e).__name__}: {detail}); check its "
+                      "config.json and weights, or re-download it")
+
+
 TRAINING_CONFIG_KEYS = ("max_steps", "preset")  # in train_gpt2.py's config.json, never in a Hugging Face one
 
 
@@ -239,7 +328,7 @@ def load_model(spec: str, map_location: str = "cpu") -> tuple[LanguageModel, Tok
         raise ValueError(f"{spec}: no checkpoints in {spec} yet (it is a train_gpt2.py run dir with no ckpt_*.pt); "
                          "wait for its first checkpoint (--ckpt_interval) or pass a checkpoint file")
     if spec in HF_MODELS or (path.is_dir() and (path / "config.json").exists() and not is_run_dir):
-        model = GPT.from_pretrained(spec)
+        model = load_pretrained(spec)
         return model, hf_dir_tokenizer(spec, model)
     if path.is_dir():
         newest = latest_checkpoint(path)

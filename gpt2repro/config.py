@@ -12,12 +12,13 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gpt2repro.devices import DTYPES
-from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES
-from model import CONFIG_CHOICES, OPTIMIZERS
+from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES, ModelConfig
+from model import OPTIMIZERS
 
 FINEWEB_DIR = "edu_fineweb10B"
 DATA_KINDS = ("shards", "char", "gpt2-text", "addition")
@@ -25,8 +26,8 @@ DTYPE_NAMES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Defaults are the GPT-2 124M reproduction on FineWeb-EDU 10B tokens (build-nanogpt's settings)."""
+class DataFields:
+    """TrainConfig's first fields: the preset, the data, and where the model comes from."""
 
     preset: str = ""  # a name in PRESETS; "" = gpt2-124m when FINEWEB_DIR has shards, else shakespeare-char
     # data
@@ -37,26 +38,49 @@ class TrainConfig:
     shuffle: bool = True  # seeded shuffling of shard, document and row order, new every epoch
     digits: int = 3  # --data addition: operands of up to this many digits
     ops: str = "+"  # --data addition: the operators, "+" or "+-"
-    # model: from scratch, or --init gpt2|HF_DIR|CHECKPOINT (then the model fields below are ignored)
+    # model: from scratch (its config's fields, next), or --init gpt2|HF_DIR|CHECKPOINT (then those are ignored)
     init: str = ""
-    model_type: str = "gpt"  # gpt | bigram | lecture (lecture.py: the lecture's model, a switch per stage)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-    # later practice, each off by default so the model stays exactly GPT-2 (see GPTConfig)
-    pos: str = "learned"  # learned | rope
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | relu2
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    logit_softcap: float = 0.0  # 0 = off
-    zero_init: bool = False  # output projections start at zero
-    # --model_type lecture only (see LectureConfig): the lecture's stages
-    ffwd: bool = False
-    residual: bool = False
-    layernorm: bool = False
+    model_type: str = "gpt"  # gpt | bigram (GPTConfig) | lecture (lecture.py's LectureConfig: the lecture's stages)
+
+
+# Every field of the model types' configs is also a flag of the same name, declared only there: GPTConfig's with its
+# defaults (n_layer, n_head, n_embd, dropout, bias, pos, norm, mlp, qk_norm, tie_embeddings, logit_softcap,
+# zero_init), then LectureConfig's own switches with theirs (ffwd, residual, layernorm); a flag the --model_type
+# has no use for is refused when set. Except these two, TrainConfig's own: block_size is also the length of the
+# rows the data serves, and vocab_size defaults to GPT-2's vocabulary padded for the matmuls, 0 meaning the
+# tokenizer's.
+OWN_MODEL_FIELDS = ("block_size", "vocab_size")
+
+
+def model_fields() -> list[dataclasses.Field]:
+    """Every model config's fields but OWN_MODEL_FIELDS, each once, in order; GPTConfig's default where a field is
+    shared."""
+    found: dict[str, dataclasses.Field] = {}
+    for config_class in MODEL_CONFIGS.values():
+        for f in fields(config_class):
+            if f.name not in OWN_MODEL_FIELDS:
+                found.setdefault(f.name, f)
+    return list(found.values())
+
+
+def type_name(t: object) -> str:
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+ModelFields = dataclasses.make_dataclass(
+    "ModelFields",
+    [(f.name, type_name(f.type), dataclasses.field(default=f.default, default_factory=f.default_factory))
+     for f in model_fields()],
+    bases=(DataFields,),
+    frozen=True,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig(ModelFields):
+    """Defaults are the GPT-2 124M reproduction on FineWeb-EDU 10B tokens (build-nanogpt's settings). The fields,
+    in order: DataFields', the model configs' (ModelFields), then these."""
+
     vocab_size: int = 50304  # 50257 padded to a multiple of 128 for faster matmuls; 0 = the tokenizer's
     block_size: int = 1024  # T, the sequence length trained on
     # optimization
@@ -106,6 +130,13 @@ class TrainConfig:
     compile: bool = True  # torch.compile the training forward/backward
     fp8: bool = False  # FP8 matmuls (torchao) for the blocks' linear layers >= FP8_MIN_WIDTH wide; FP8 GPUs only
 
+    def model_config(self, tokenizer_vocab_size: int) -> ModelConfig:
+        """The model these flags describe, in its --model_type's config class (vocab_size 0 = the tokenizer's);
+        the config checks its own fields."""
+        config_class = MODEL_CONFIGS[self.model_type]
+        values = {f.name: getattr(self, f.name) for f in fields(config_class)}
+        return config_class(**values | {"vocab_size": self.vocab_size or tokenizer_vocab_size})
+
 
 INF = math.inf
 # the allowed range of every number, as (low, high, low included, high included); all must be finite
@@ -147,22 +178,42 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "ckpt_interval": (0, INF, True, False),
     "keep_last": (0, INF, True, False),
 }
-CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_NAMES, "optimizer": OPTIMIZERS,
-           **CONFIG_CHOICES}
+CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_NAMES, "optimizer": OPTIMIZERS}
+
+# What `--resume` does with each flag set away from the value the checkpoint was trained with (its train_config):
+#   applied: read afresh (schedule, intervals, paths, micro-batch, device, ...) or written into the restored
+#            optimizer's param groups (weight decay, betas, eps, Muon's settings; load_state_dict brings back the
+#            checkpoint's, resume.restore_training puts the flags' back);
+#   model:   compared with the checkpoint's model, a different one refused (resume.restore_model);
+#   refused: one line; the restored state depends on it (the optimizer state on its optimizer, the data order on
+#            the seed and shuffling, the split and the held-out problems on val_fraction, digits and ops).
+RESUME_REFUSED = ("optimizer", "seed", "shuffle", "data", "val_fraction", "digits", "ops", "init")
+RESUME_OPTIMIZER = ("weight_decay", "beta1", "beta2", "eps", "max_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
+RESUME_MODEL = (*(f.name for f in model_fields()), *OWN_MODEL_FIELDS, "model_type")
+RESUME_APPLIED = (
+    "preset", "data_dir", "text_path", "batch_size", "total_batch_size", "max_steps", "min_lr", "warmup_steps",
+    "grad_clip", "nonfinite_skips", "eval_interval", "eval_iters", "eval_only", "target_val_loss", "stop_at_target",
+    "hellaswag", "hellaswag_jsonl", "hellaswag_limit", "sample_interval", "num_samples", "sample_tokens",
+    "sample_prompt", "log_interval", "peak_flops", "tensorboard", "wandb", "wandb_project", "out_dir",
+    "ckpt_interval", "keep_last", "resume", "device", "dtype", "compile", "fp8", *RESUME_OPTIMIZER,
+)
+ON_RESUME: dict[str, str] = (dict.fromkeys(RESUME_APPLIED, "applied") | dict.fromkeys(RESUME_MODEL, "model")
+                             | dict.fromkeys(RESUME_REFUSED, "refused"))
 
 SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
 # Karpathy's lecture "Let's build GPT", stage by stage (docs/lecture.md): its batches, context and learning rates,
 # its optimizer as far as ours goes (AdamW at PyTorch's betas and weight decay 0.01, a constant LR, no clipping),
 # evaluation every 500 steps on 200 val batches, and 500 characters sampled from a newline at the end.
-LECTURE = SHAKESPEARE | dict(
-    model_type="lecture", n_embd=32, n_head=4, n_layer=1, block_size=8, batch_size=32, total_batch_size=256,
-    max_steps=5000, max_lr=1e-3, min_lr=1e-3, warmup_steps=0, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
-    grad_clip=0.0, eval_interval=500, eval_iters=200, sample_interval=0, num_samples=1, sample_tokens=500,
-    sample_prompt="", log_interval=500, ckpt_interval=5000, compile=False, dtype="float32",
+LECTURE_RUN = SHAKESPEARE | dict(
+    block_size=8, batch_size=32, total_batch_size=256, max_steps=5000, max_lr=1e-3, min_lr=1e-3, warmup_steps=0,
+    weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=0.0, eval_interval=500, eval_iters=200,
+    sample_interval=0, num_samples=1, sample_tokens=500, sample_prompt="", log_interval=500, ckpt_interval=5000,
+    compile=False, dtype="float32",
 )
+LECTURE = LECTURE_RUN | dict(model_type="lecture", n_embd=32, n_head=4, n_layer=1)
 LECTURE_PRESETS = {
-    "lecture-bigram": LECTURE | dict(model_type="bigram", max_steps=3000, max_lr=1e-2, min_lr=1e-2, eval_interval=300,
-                                     ckpt_interval=3000),
+    "lecture-bigram": LECTURE_RUN | dict(model_type="bigram", max_steps=3000, max_lr=1e-2, min_lr=1e-2,
+                                         eval_interval=300, ckpt_interval=3000),
     "lecture-head": LECTURE | dict(n_head=1),
     "lecture-heads": LECTURE,
     "lecture-ffwd": LECTURE | dict(ffwd=True),
@@ -176,10 +227,9 @@ LECTURE_PRESETS = {
 }
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU model (4 x 128, context 64) at batch 32 with the two large winners of `python -m bench ablate`:
-    # rotary positions and Muon (lr 0.04) for the blocks' matrices, AdamW at 4x nanoGPT's LR for the rest (relu²
-    # and an untied head, small winners there, made this 300-step run worse). Val loss 1.835 after 200 steps
-    # (410k tokens; nanoGPT's recipe needs 2000 steps, 1.5M tokens, for 1.887), 1.705 at step 300. Not GPT-2's
-    # architecture (export_hf refuses it); with learned positions and AdamW it needed 600 steps for 1.859.
+    # rotary positions and Muon for the blocks' matrices, AdamW at a higher LR than nanoGPT's for the rest (relu²
+    # and an untied head, small winners there, made this short run worse). It reaches nanoGPT's val loss in far
+    # fewer tokens (README, "What the demo does"). Not GPT-2's architecture (export_hf refuses it).
     "shakespeare-char": SHAKESPEARE | dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, total_batch_size=2048, max_steps=300,
         max_lr=4e-3, min_lr=4e-4, warmup_steps=30, weight_decay=0.1, beta2=0.99, pos="rope", optimizer="muon",
@@ -208,7 +258,7 @@ PRESETS: dict[str, dict] = {
         compile=False, hellaswag=False,
     ),
     # the lecture's exercise EX2: a GPT that adds 3-digit numbers, answer digits reversed, loss on the answer only;
-    # 2 x 64 at batch 256: 100% exact match on 1,000 held-out problems by step 800-900 (3 seeds)
+    # 2 x 64 at batch 256 learns every held-out problem well within max_steps
     "addition": dict(
         data="addition", digits=3, ops="+", vocab_size=0, n_layer=2, n_head=4, n_embd=64, block_size=12,
         batch_size=256, total_batch_size=3072, max_steps=1500, max_lr=3e-3, min_lr=3e-4, warmup_steps=100,
@@ -253,10 +303,6 @@ def parse_bool(s: str) -> bool:
 def parse_batch_size(s: str) -> int:
     """`--batch_size auto` is 0: probe the largest micro-batch that fits (on CUDA; elsewhere the preset's)."""
     return 0 if s.strip().lower() == "auto" else int(s)
-
-
-def preset_batch_size(preset: str) -> int:
-    return PRESETS.get(preset, {}).get("batch_size", TrainConfig.batch_size)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -331,7 +377,7 @@ def check_config(cfg: TrainConfig) -> None:
         why = out_of_bounds(name, getattr(cfg, name))
         if why:
             raise ConfigError(f"--{name} {getattr(cfg, name)} {why}")
-    check_model_type_fields(cfg)
+    check_model_fields(cfg)
     if cfg.min_lr > cfg.max_lr:
         raise ConfigError(f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}; lower it")
     if cfg.eval_only and not cfg.init:
@@ -343,43 +389,19 @@ def check_config(cfg: TrainConfig) -> None:
                           "vocabulary; drop the flag")
 
 
-def check_model_type_fields(cfg: TrainConfig) -> None:
-    """A model field the --model_type has no use for is refused when set, rather than ignored."""
-    if cfg.init:  # the model comes from --init; its fields are documented as ignored
+def check_model_fields(cfg: TrainConfig) -> None:
+    """The model config's own checks, the heads' split of n_embd, and no flag the --model_type has no use for, as
+    one line naming the flag."""
+    if cfg.init:  # the model comes from --init; these fields are documented as ignored
         return
+    if cfg.model_type in ("gpt", "lecture") and cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    try:
+        cfg.model_config(tokenizer_vocab_size=1)
+    except ValueError as e:
+        raise ConfigError(re.sub(r"\b(?:GPTConfig|LectureConfig)\.(\w+)", r"--\1", str(e))) from None
     own = {f.name for f in fields(MODEL_CONFIGS[cfg.model_type])}
-    others = {f.name for config_class in MODEL_CONFIGS.values() for f in fields(config_class)} - own
-    for name in sorted(others):
-        if getattr(cfg, name) != getattr(TrainConfig, name):
-            users = [t for t, c in MODEL_CONFIGS.items() if name in {f.name for f in fields(c)}]
-            raise ConfigError(f"--{name} is for --model_type {' or '.join(users)}, not {cfg.model_type}; drop it")
-
-
-def fit_to_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Under more ranks than a preset's batch was sized for, a smaller micro-batch keeps the total batch exact.
-
-    Only the preset's own micro-batch is lowered; a different `--batch_size` is kept as given.
-    """
-    preset_batch = preset_batch_size(cfg.preset)
-    per_rank = cfg.batch_size * cfg.block_size * world_size
-    if cfg.batch_size != preset_batch or per_rank <= cfg.total_batch_size:
-        return cfg
-    if cfg.total_batch_size % (cfg.block_size * world_size):
-        return cfg
-    return dataclasses.replace(cfg, batch_size=cfg.total_batch_size // (cfg.block_size * world_size))
-
-
-def auto_batch(cfg: TrainConfig, device: str) -> bool:
-    """Whether to probe the micro-batch: asked for (`auto`), or on CUDA with the preset's own value."""
-    return cfg.batch_size == 0 or (device.startswith("cuda") and cfg.batch_size == preset_batch_size(cfg.preset))
-
-
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % per_step:
-        raise ConfigError(
-            f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x block_size x "
-            f"world_size = {cfg.batch_size} x {cfg.block_size} x {world_size} = {per_step}; "
-            f"use e.g. --total_batch_size {max(1, round(cfg.total_batch_size / per_step)) * per_step}"
-        )
-    return cfg.total_batch_size // per_step
+    for f in model_fields():
+        if f.name not in own and getattr(cfg, f.name) != f.default:
+            users = [t for t, c in MODEL_CONFIGS.items() if f.name in {g.name for g in fields(c)}]
+            raise ConfigError(f"--{f.name} is for --model_type {' or '.join(users)}, not {cfg.model_type}; drop it")

@@ -49,6 +49,8 @@ def is_out_of_memory(e: BaseException) -> bool:
     """torch's out-of-memory error, without importing torch: stages that never import it (fineweb.py, whose
     spawned workers import this module too) start faster without it, and cannot run out of GPU memory."""
     torch = sys.modules.get("torch")
+    if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        return True  # out of host memory is a plain RuntimeError
     return torch is not None and isinstance(e, torch.OutOfMemoryError)
 
 

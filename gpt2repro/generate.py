@@ -14,21 +14,25 @@ bench/generate.py). When torch.compile cannot build the step, decoding goes on e
 
 Under bf16/fp16 autocast, decoding reads a half-precision copy of the linear layers' weights (`half_twin`) instead
 of letting autocast cast every fp32 matrix at every token: the same products bit for bit (autocast rounds them to
-the same values), a third of the bytes read per token and, in a CUDA graph, no cast kernels (on CPU measured ~2.3x
-faster than fp32; see bench/generate.py).
+the same values), a third of the bytes read per token and, in a CUDA graph, no cast kernels (bench/generate.py
+measures it).
+
+model.py imports this module (for `GPT.generate`), never the other way round: here a model is any module with
+GPT's `hidden_states`, `logits` and `next_logits` (or the bigram's `next_logits` alone).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from gpt2repro.devices import compile_cached, compile_unsupported
 from gpt2repro.errors import first_line
-from model import GPT, LanguageModel, StaticKVCache
 
 DECODE_PATHS = ("auto", "eager", "compile", "cudagraphs")
 COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
@@ -36,6 +40,47 @@ MIN_CACHE_LEN = 64  # cache lengths are powers of two from here to block_size: f
 POOL_SIZE = 4  # decoders (caches and compiled steps) kept per model for the next call of the same shape
 _notes: set[str] = set()  # notes already printed
 _compile_failure = ""  # why torch.compile failed on the decode step; from then on every decoder is eager
+
+
+class Sizes(Protocol):
+    """What a cache needs of a GPTConfig."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+
+
+# what a cache gives attention: all keys, all values, the boolean mask (True = attend) or None, and is_causal
+CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]
+
+
+@dataclass
+class StaticKVCache:
+    """Keys and values in tensors of fixed shape (B, n_head, max_len, head_size), one per layer, written at the
+    given columns, with the mask saying which columns each query sees: the shapes never change, so a decode step
+    can be one CUDA graph. Rows may be left-padded; the mask hides the padding."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    cols: torch.Tensor  # (T,) the columns this step's keys/values go to
+    mask: torch.Tensor | None  # (B, 1, T, width), True = attend; None: T > 1 queries fill [0, T) causally, one sees all
+    width: int  # attention reads columns [0, width)
+
+    @staticmethod
+    def allocate(config: Sizes, batch_size: int, max_len: int, device, dtype) -> tuple[list, list]:
+        """Zeroed key and value tensors per layer: never-written columns are masked, but must not be NaN
+        (attention weight 0 times NaN is NaN)."""
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        return new(), new()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
+        """Write layer `layer`'s new keys and values (B, n_head, T, head_size); what its attention reads."""
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all[:, :, self.cols] = k.to(k_all.dtype)
+        v_all[:, :, self.cols] = v.to(v_all.dtype)
+        # without a mask, T > 1 new queries fill columns [0, T) causally; one new query sees every column
+        return k_all[:, :, : self.width], v_all[:, :, : self.width], self.mask, self.mask is None and k.size(2) > 1
 
 
 def sample_next(
@@ -91,7 +136,7 @@ def cache_len(needed: int, block_size: int) -> int:
     return min(block_size, max(MIN_CACHE_LEN, 1 << (needed - 1).bit_length()))
 
 
-def last_logits(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+def last_logits(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """Logits (B, vocab) at the last column of `idx` (B, T) at positions `pos` (B, T), keys and values going
     through `cache`."""
     return model.logits(model.hidden_states(idx, cache, pos)[:, -1])
@@ -103,7 +148,7 @@ class Decoder:
     Reused from call to call (`checkout`): a compiled step and its CUDA graph belong to these very tensors.
     """
 
-    def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype, path: str) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype, path: str) -> None:
         device = model.lm_head.weight.device
         self.model, self.max_len, self.path = model, max_len, path
         self.key = pool_key(batch_size, max_len, dtype, path, device)
@@ -194,7 +239,7 @@ def pool_key(batch_size: int, max_len: int, dtype: torch.dtype, path: str, devic
     return batch_size, max_len, dtype, path, device
 
 
-def checkout(model: GPT, batch_size: int, needed: int, dtype: torch.dtype, path: str) -> Decoder:
+def checkout(model: nn.Module, batch_size: int, needed: int, dtype: torch.dtype, path: str) -> Decoder:
     """A decoder for `batch_size` rows of up to `needed` columns: a kept one of the same shape, else a new one.
     It is taken out of the pool while in use, so two generations at once never share a cache."""
     max_len = cache_len(needed, model.config.block_size)
@@ -203,21 +248,21 @@ def checkout(model: GPT, batch_size: int, needed: int, dtype: torch.dtype, path:
     return decoder if decoder is not None else Decoder(model, batch_size, max_len, dtype, path)
 
 
-def checkin(model: GPT, decoder: Decoder) -> None:
+def checkin(model: nn.Module, decoder: Decoder) -> None:
     pool: dict = model.__dict__.setdefault("_decoders", {})
     pool[decoder.key] = decoder
     while len(pool) > POOL_SIZE:
         pool.pop(next(iter(pool)))  # the oldest
 
 
-def cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
+def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """What keys and values come out as: autocast's precision when it is on, else the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return model.lm_head.weight.dtype
 
 
-def build_half_twin(model: GPT, dtype: torch.dtype) -> GPT:
+def build_half_twin(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A GPT sharing `model`'s embeddings, norms and buffers, with its own `dtype` copy of every linear layer's
     weights (the tied head gets its own copy; the embedding stays the model's). Not a submodule of `model`."""
     with torch.device("meta"):  # the structure only: every tensor is replaced below
@@ -232,7 +277,7 @@ def build_half_twin(model: GPT, dtype: torch.dtype) -> GPT:
     return twin.eval()
 
 
-def half_twin(model: GPT, device: torch.device) -> GPT:
+def half_twin(model: nn.Module, device: torch.device) -> nn.Module:
     """What decodes `model` on `device`: under half-precision autocast, its half-precision twin (kept with the
     model, refreshed when its weights changed in place, as training does); otherwise the model itself."""
     if not torch.is_autocast_enabled(device.type) or model.lm_head.weight.dtype != torch.float32:
@@ -268,7 +313,7 @@ def check_pad(pad: torch.Tensor, idx: torch.Tensor) -> None:
 
 @torch.no_grad()
 def generate_stream(
-    model: LanguageModel,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -291,7 +336,8 @@ def generate_stream(
     decoder = None
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}; got {decode!r}")
-    if isinstance(model, GPT):  # the bigram model looks at the last token only: nothing to cache
+    # a GPT (its class has hidden states to cache); the bigram model looks at the last token only
+    if hasattr(type(model), "hidden_states"):
         model = half_twin(model, idx.device)
         if pad is not None:
             check_pad(pad, idx)
@@ -322,13 +368,13 @@ def generate_stream(
 
 
 @torch.no_grad()
-def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """`idx` (B, T) extended by up to `max_new_tokens` sampled tokens; see `generate_stream`."""
     new = list(generate_stream(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
 
-def generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+def generate_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
     """The new tokens of each prompt (token lists of any lengths, each at least one token), generated as one
     left-padded batch; a row ends before its first `eot` when `eot` is given."""
     if not prompts or not all(prompts):

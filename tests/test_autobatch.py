@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_gpt2
+from gpt2repro import autobatch
 from gpt2repro.autobatch import candidates, largest_that_fits, try_step
 from gpt2repro.config import ConfigError, parse_config
 from gpt2repro.devices import Dist
@@ -60,15 +61,15 @@ def test_choose_batch_size_on_cuda_takes_the_largest_fitting(monkeypatch):
     cfg = parse_config(["--preset", "gpt2-124m", "--n_layer", "1", "--n_embd", "16", "--n_head", "2"])
     model = GPT(GPTConfig(block_size=1024, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     tried = []
-    monkeypatch.setattr(train_gpt2, "try_step", lambda m, make, b, *a: tried.append(b) or b <= 16)
-    chosen = train_gpt2.choose_batch_size(cfg, Dist(device="cuda"), model, torch.bfloat16)
+    monkeypatch.setattr(autobatch, "try_step", lambda m, make, b, *a: tried.append(b) or b <= 16)
+    chosen = autobatch.choose_batch_size(cfg, Dist(device="cuda"), model, torch.bfloat16)
     assert chosen.batch_size == 16 and tried == [64, 32, 16]
     assert chosen.total_batch_size == cfg.total_batch_size  # accumulation makes up the rest
-    monkeypatch.setattr(train_gpt2, "try_step", lambda *a: False)
+    monkeypatch.setattr(autobatch, "try_step", lambda *a: False)
     with pytest.raises(ConfigError, match="not even 1 row of --block_size 1024"):
-        train_gpt2.choose_batch_size(cfg, Dist(device="cuda"), model, torch.bfloat16)
-    cpu = train_gpt2.choose_batch_size(dataclasses.replace(cfg, batch_size=0), Dist(device="cpu"), model,
-                                       torch.float32)
+        autobatch.choose_batch_size(cfg, Dist(device="cuda"), model, torch.bfloat16)
+    cpu = autobatch.choose_batch_size(dataclasses.replace(cfg, batch_size=0), Dist(device="cpu"), model,
+                                      torch.float32)
     assert cpu.batch_size == 64  # no probing off CUDA: the preset's micro-batch
 
 

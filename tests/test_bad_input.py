@@ -25,8 +25,8 @@ import export_hf
 import fineweb
 import plot
 import sample
-from gpt2repro import config
-from gpt2repro.checkpoint import model_checkpoint_fields, save_checkpoint
+from gpt2repro import autobatch, config
+from gpt2repro.checkpoint import load_pretrained, model_checkpoint_fields, save_checkpoint
 from gpt2repro.fileio import refused_object
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -409,9 +409,9 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_lost(case, scratch, cap
 
 def test_world_size_not_dividing_the_total_batch():
     cfg = config.parse_config(TINY + ["--text_path", "unused.txt", "--out_dir", "unused", "--total_batch_size", "64"])
-    assert config.grad_accum_steps(cfg, 1) == 2 and config.grad_accum_steps(cfg, 2) == 1
+    assert autobatch.grad_accum_steps(cfg, 1) == 2 and autobatch.grad_accum_steps(cfg, 2) == 1
     with pytest.raises(config.ConfigError) as e:
-        config.grad_accum_steps(cfg, 3)
+        autobatch.grad_accum_steps(cfg, 3)
     msg = str(e.value)
     assert "--total_batch_size 64" in msg and "world_size" in msg and "2 x 16 x 3 = 96" in msg
 
@@ -479,7 +479,7 @@ def test_refusal_of_pickled_code_names_the_global_in_a_whole_sentence(tmp_path):
 
 
 def test_hf_dir_with_pickled_weights_keeps_the_whole_refusal(tmp_path):
-    """`GPT.from_pretrained` on a pytorch_model.bin carrying code: a ValueError naming the dir, its sentence whole."""
+    """`load_pretrained` on a pytorch_model.bin carrying code: a ValueError naming the dir, its sentence whole."""
 
     class Hostile:
         def __reduce__(self):
@@ -490,7 +490,7 @@ def test_hf_dir_with_pickled_weights_keeps_the_whole_refusal(tmp_path):
     GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32).save_pretrained(tmp_path)
     torch.save({"x": Hostile()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError) as e:
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path) in msg and "refused" in msg and "\n" not in msg
     assert "system" in msg and msg.endswith("use safetensors weights from a source you trust"), msg

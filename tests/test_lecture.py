@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import train_gpt2
 from gpt2repro import config
 from gpt2repro.checkpoint import load_checkpoint, load_model
+from gpt2repro.tokenizer import get_tokenizer
 from lecture import Block, FeedForward, Head, LectureConfig, LectureLanguageModel, MultiHeadAttention
 from model import BigramLanguageModel, CausalSelfAttention, GPTConfig
 from prepare import ensure_shakespeare
@@ -188,14 +189,8 @@ def test_every_stage_trains_checkpoints_and_samples(preset, small_text, tmp_path
     assert ckpt["model_type"] == ("bigram" if preset == "lecture-bigram" else "lecture")
     model, _ = load_model(str(out / "ckpt_0000003.pt"))
     assert type(model) is (BigramLanguageModel if preset == "lecture-bigram" else LectureLanguageModel)
-    assert model.config == train_gpt2.gpt_config(config.parse_config(short(preset, small_text, out)), model_tokenizer(
-        small_text))
-
-
-def model_tokenizer(text: Path):
-    from gpt2repro.tokenizer import get_tokenizer
-
-    return get_tokenizer("char", text=text.read_text())
+    vocab_size = get_tokenizer("char", text=small_text.read_text()).vocab_size
+    assert model.config == config.parse_config(short(preset, small_text, out)).model_config(vocab_size)
 
 
 def test_a_resumed_stage_continues_exactly(small_text, tmp_path):

@@ -1,16 +1,21 @@
-"""GPT against `transformers.GPT2LMHeadModel`, the KV cache against full recomputation, sampling filters."""
+"""GPT against `transformers.GPT2LMHeadModel`, SDPA against the written-out attention, the KV cache against full
+recomputation, sampling filters, and the import graph."""
 
+import ast
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2repro.checkpoint import load_model
-from gpt2repro.generate import sample_next
-from model import GPT, BigramLanguageModel, GPTConfig
+import model as model_module
+from gpt2repro.checkpoint import load_model, load_pretrained
+from gpt2repro.generate import Decoder, sample_next
+from gpt2repro.gpt2_sizes import GPT2Size
+from model import GPT, BigramLanguageModel, GPTConfig, attention_reference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,7 +38,7 @@ def hf_model(n_layer: int, n_head: int, n_embd: int, vocab: int = 97, positions:
 def test_logits_and_loss_match_transformers(tmp_path, n_layer, n_head, n_embd):
     hf = hf_model(n_layer, n_head, n_embd)
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_pretrained(str(tmp_path)).eval()
     assert ours.config.n_embd == n_embd and ours.config.bias
     idx = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -42,6 +47,120 @@ def test_logits_and_loss_match_transformers(tmp_path, n_layer, n_head, n_embd):
         full_logits, _ = ours(idx)
     assert (full_logits - ref.logits).abs().max().item() <= 1e-4
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
+
+
+def test_from_pretrained_by_name_copies_openais_weights(monkeypatch):
+    """GPT.from_pretrained(name): the name's shape from the table, the weights transposed from transformers'
+    Conv1D (the download stubbed with a random GPT-2 of that shape, 1024 positions and 50257 tokens)."""
+    hf = hf_model(1, 2, 32, vocab=50257, positions=1024)
+    monkeypatch.setattr(model_module, "HF_MODELS", {"gpt2-tiny": GPT2Size(1, 2, 32, "tiny")})
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda name: hf if name == "gpt2-tiny" else None)
+    ours = GPT.from_pretrained("gpt2-tiny").eval()
+    idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_from_pretrained_points_a_directory_to_load_pretrained(tmp_path):
+    with pytest.raises(ValueError, match=r"not one of gpt2, .*gpt2repro\.checkpoint\.load_pretrained"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def run_attention(pos: str, reference: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Logits, loss and every gradient of a small GPT in fp32, its attention by SDPA or by attention_reference."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=64, pos=pos))
+    with torch.no_grad():  # biases and LayerNorms off 0/1: their gradients are then not special
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for block in model.transformer.h:
+        block.attn.reference = reference
+    idx = torch.randint(0, 61, (3, 32), generator=torch.Generator().manual_seed(1))
+    with monkeypatch.context() as m:
+        if reference:  # the written-out path really runs: SDPA is out of reach
+            m.setattr(torch.nn.functional, "scaled_dot_product_attention", None)
+        logits, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_sdpa_equals_the_lectures_attention(pos, monkeypatch):
+    """F.scaled_dot_product_attention computes the lecture's masked softmax(QKᵀ/√d)·V: the same logits, loss and
+    gradients of every parameter in fp32, with learned and with rotary positions."""
+    sdpa, ref = run_attention(pos, False, monkeypatch), run_attention(pos, True, monkeypatch)
+    torch.testing.assert_close(sdpa[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa[1], ref[1], atol=1e-6, rtol=0)
+    assert sdpa[2].keys() == ref[2].keys()
+    for name, g in sdpa[2].items():
+        torch.testing.assert_close(g, ref[2][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_attention_reference_masks_as_sdpa_does():
+    """A boolean mask (True = attend) and causal masking with more keys than queries (a cache) as SDPA reads them."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (4, 6, 6))
+    mask = torch.rand(2, 1, 4, 6, generator=g) < 0.6
+    mask[..., 0] = True  # every query sees a key
+    F = torch.nn.functional
+    torch.testing.assert_close(attention_reference(q, k, v, mask, is_causal=False),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention_reference(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention_reference(q[:, :, :1], k, v, is_causal=False),
+                               F.scaled_dot_product_attention(q[:, :, :1], k, v), atol=1e-6, rtol=0)
+
+
+def decode_logits(model: GPT, pad: torch.Tensor | None) -> torch.Tensor:
+    """Logits of a prefill of left-padded prompts (padding hidden by a mask, or none) and of eight steps through
+    the KV cache, each step one given token per row."""
+    idx = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(5))
+    decoder = Decoder(model, 3, 32, torch.float32, "eager")
+    decoder.start(pad)
+    with torch.no_grad():
+        out = [decoder.prefill(idx, pad)] + [decoder.step(idx[:, i % 6]) for i in range(8)]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoding_with_the_lectures_attention_matches_sdpa(padded):
+    """Through the KV cache (its masks, and one query with none), the attention written out gives SDPA's logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=64, pos="rope")).eval()
+    pad = torch.tensor([2, 0, 5]) if padded else None
+    want = decode_logits(model, pad)
+    for block in model.transformer.h:
+        block.attn.reference = True
+    torch.testing.assert_close(decode_logits(model, pad), want, atol=1e-5, rtol=0)
+
+
+def test_no_import_circle():
+    """No module of the project imports another that imports it back, however indirectly: at module level, inside
+    a function or under `if TYPE_CHECKING:` alike."""
+    root = Path(__file__).resolve().parents[1]
+    files = [p for p in root.rglob("*.py") if not ({"tests", ".venv", "build"} & set(p.relative_to(root).parts))]
+    names = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+    graph = {name: set() for name in names}
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names} & names.keys()
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                graph[name] |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)} & names.keys()
+    assert graph["model"] and "gpt2repro.generate" in graph["model"]  # the walk sees imports at all
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name] - {name}):
+            assert state.get(dep) != 1, "import circle: " + " -> ".join([*path, name, dep])
+            if dep not in state:
+                visit(dep, [*path, name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
 
 
 def test_param_count_gpt2_124m():
@@ -93,7 +212,7 @@ def test_from_pretrained_accepts_the_other_name_of_gelu_tanh(tmp_path):
     hf.save_pretrained(tmp_path)
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (GPT.from_pretrained(str(tmp_path)).eval()(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+        assert (load_pretrained(str(tmp_path)).eval()(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_load_model_unknown_spec_is_clear(tmp_path):

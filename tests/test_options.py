@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.checkpoint import model_checkpoint_fields, model_from_checkpoint
-from gpt2repro.generate import Decoder
+from gpt2repro.generate import Decoder, StaticKVCache
 from gpt2repro.tokenizer import get_tokenizer
 from model import (
     GPT,
@@ -17,7 +17,6 @@ from model import (
     CausalSelfAttention,
     GPTConfig,
     RMSNorm,
-    StaticKVCache,
     apply_rotary,
     rotary_tables,
 )

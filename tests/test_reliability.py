@@ -26,6 +26,7 @@ from gpt2repro.checkpoint import (
     save_checkpoint,
 )
 from gpt2repro.config import BOUNDS, TrainConfig
+from gpt2repro.errors import one_line_errors
 from gpt2repro.fileio import atomic_write_bytes
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -203,6 +204,46 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_older_ones(text, tm
     assert {k: after.get(k) for k in before if k.startswith("ckpt_")} == {
         k: v for k, v in before.items() if k.startswith("ckpt_")}
     assert not [k for k in after if k.endswith(".tmp")]
+
+
+def test_last_checkpoint_is_written_before_a_sample_that_never_ends(text, tmp_path):
+    """A preset run checkpoints only at its last step; a sample that hangs (or fails) there must not take the
+    training with it. The char vocabulary has no end-of-text token, so 10^8 tokens are sampled to the end."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt2.py"), *args(text, out, "--max_steps", "2",
+                             "--ckpt_interval", "1000", "--num_samples", "1", "--sample_tokens", str(10**8))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "ckpt_0000002.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()  # still sampling
+        assert (out / "ckpt_0000002.pt").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert load_checkpoint(out / "ckpt_0000002.pt")["step"] == 2
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--n_embd", "768000"], "--n_embd 768000"),  # a plausible typo for 768
+    (["--n_layer", str(10**30)], f"--n_layer {10**30}"),
+    (["--model_type", "bigram", "--vocab_size", str(2**31 - 1)], "--vocab_size"),
+])
+def test_model_too_large_for_memory_is_refused_before_allocating(text, tmp_path, flags, needle):
+    msg = one_line_error(args(text, tmp_path / "run", "--max_steps", "2", *flags), needle, "GiB")
+    assert "free" in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_host_memory_is_the_one_line_oom_error():
+    """The CPU allocator's failure is a plain RuntimeError; it gets the same line as CUDA's OutOfMemoryError."""
+    with pytest.raises(SystemExit) as e, one_line_errors():
+        torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: more than any machine
+    assert str(e.value.code).startswith("error: out of memory; lower --batch_size")
 
 
 # ----------------------------------------------------------------------------- files and permissions

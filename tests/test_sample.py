@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2repro.checkpoint import from_checkpoint, model_checkpoint_fields, save_checkpoint
+from gpt2repro.checkpoint import from_checkpoint, load_pretrained, model_checkpoint_fields, save_checkpoint
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from sample import escape_line, main, stream_text
@@ -225,7 +225,7 @@ def test_prompt_file_empty_line_starts_from_endoftext(tmp_path, capsys):
     main(["--init", str(tmp_path / "hf"), "--prompt_file", str(prompts), "--max_new_tokens", "6", "--temperature",
           "0", "--device", "cpu"])
     out = capsys.readouterr().out.split("\n")
-    model, tok = GPT.from_pretrained(str(tmp_path / "hf")).eval(), get_tokenizer("gpt2")
+    model, tok = load_pretrained(str(tmp_path / "hf")).eval(), get_tokenizer("gpt2")
     want = [model.generate(torch.tensor([ids]), 6, temperature=0, use_cache=False, eot=tok.eot)[0, len(ids) :]
             for ids in (tok.encode("Hello"), [tok.eot], tok.encode("world, again"))]
     assert out == [escape_line(tok.decode([t for t in w.tolist() if t != tok.eot])) for w in want] + [""]

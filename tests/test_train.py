@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import train_gpt2
-from gpt2repro import config
+from gpt2repro import autobatch, config
+from gpt2repro.build import build_model
 from gpt2repro.checkpoint import list_checkpoints, load_checkpoint, load_model
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -95,9 +96,9 @@ def test_presets_then_flags(tmp_path, monkeypatch):
     cfg = config.parse_config(["--data_dir", "somewhere", "--eval_only", "--init", "gpt2"])
     assert cfg.preset == "gpt2-124m" and cfg.eval_only and cfg.vocab_size == 50304 and cfg.warmup_steps == 715
     # under torchrun the preset's micro-batch shrinks to keep its total; a batch given by hand is kept
-    cfg = config.fit_to_world(config.parse_config(["--preset", "shakespeare-char"]), world_size=2)
-    assert (cfg.batch_size, config.grad_accum_steps(cfg, 2)) == (16, 1) and cfg.total_batch_size == 2048
-    cfg = config.fit_to_world(config.parse_config(["--preset", "shakespeare-char", "--batch_size", "8"]), 2)
+    cfg = autobatch.fit_to_world(config.parse_config(["--preset", "shakespeare-char"]), world_size=2)
+    assert (cfg.batch_size, autobatch.grad_accum_steps(cfg, 2)) == (16, 1) and cfg.total_batch_size == 2048
+    cfg = autobatch.fit_to_world(config.parse_config(["--preset", "shakespeare-char", "--batch_size", "8"]), 2)
     assert cfg.batch_size == 8
     (tmp_path / "edu_fineweb10B").mkdir()
     (tmp_path / "edu_fineweb10B" / "edufineweb_train_000001.npy").touch()
@@ -114,7 +115,7 @@ def test_every_preset_parses_and_builds_its_model(preset):
     tokenizer = get_tokenizer(kind, text=ensure_shakespeare(ROOT / "input.txt").read_text()[:5000],
                               digits=cfg.digits, ops=cfg.ops)
     with torch.device("meta"):  # shapes only: the 1558M preset allocates nothing
-        model = train_gpt2.build_model(cfg, tokenizer)
+        model = build_model(cfg, tokenizer)
     assert model.config.vocab_size >= tokenizer.vocab_size
     gpt2 = {f: getattr(GPTConfig(), f) for f in ("pos", "norm", "mlp", "qk_norm", "tie_embeddings", "logit_softcap",
                                                   "zero_init", "bias")}
