@@ -55,12 +55,12 @@ LECTURE_FIGURES = {"lecture-bigram": 2.5, "lecture-head": 2.4, "lecture-heads": 
                    "lecture-dropout": 2.07, "lecture-gpt": 1.48}
 SMALL_STAGES = [name for name in LECTURE_FIGURES if name != "lecture-gpt"]
 SEEDS = (1337, 1, 2)
-GPT_STEPS, GPT_EVAL_INTERVAL, GPT_EVAL_ITERS, GPT_BATCH = 30, 10, 5, 16  # the shortened scaled-up comparison
+GPT_STEPS, GPT_EVAL_INTERVAL, GPT_EVAL_ITERS, GPT_BATCH = 12, 4, 4, 8  # the shortened scaled-up comparison
 # EX3: the lecture's model with every stage on, 4 x 128 at context 64 (no dropout: the corpus is not repeated)
 EX3_BATCH, EX3_BLOCK = 32, 64
 EX3_MODEL = ["--n_embd", "128", "--n_head", "4", "--n_layer", "4", "--block_size", str(EX3_BLOCK), "--batch_size",
              str(EX3_BATCH), "--total_batch_size", str(EX3_BATCH * EX3_BLOCK), "--dropout", "0"]
-EX3_PRETRAIN_STEPS, EX3_SHAKESPEARE_STEPS, EX3_EVAL_ITERS, EX3_LR, EX3_FINETUNE_LR = 500, 200, 50, 1e-3, 3e-4
+EX3_PRETRAIN_STEPS, EX3_SHAKESPEARE_STEPS, EX3_EVAL_ITERS, EX3_LR, EX3_FINETUNE_LR = 300, 150, 30, 1e-3, 3e-4
 
 
 def train(preset: str, out: Path, *flags: str) -> tuple[dict, float]:

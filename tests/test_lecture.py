@@ -244,3 +244,13 @@ def test_finetune_reads_the_text_with_the_pretrained_vocabulary(small_text, tmp_
     other.write_text(small_text.read_text() + "\u00e9\n")
     with pytest.raises(SystemExit, match=r"other.txt has characters that --init .* lacks \('\xe9'\)"):
         train_gpt2.main(short("lecture-layernorm", other, tmp_path / "refused", "--max_steps", "2", *flags))
+
+
+def test_ex3_corpus_pieces_cut_at_line_ends_and_keep_every_character():
+    from bench.lecture import pieces, to_ascii
+
+    text = "".join(f"line {i} {'x' * (i % 7)}\n" for i in range(500))
+    parts = pieces(text, 10)
+    assert len(parts) == 10 and "".join(parts) == text
+    assert all(p.endswith("\n") for p in parts if p) and max(map(len, parts)) < 2 * len(text) / 10
+    assert to_ascii("Caf\u00e9 \u2014 na\u00efve\tend\n") == "Cafe  naiveend\n"
