@@ -12,6 +12,7 @@ lecture is a `LectureConfig` switch, so every stage it trains is one preset of t
     residual         4        3     x         x          -        0   x + sublayer(x), projections, 4x MLP
     layernorm        4        3     x         x          x        0   pre-norm, and a final LayerNorm
     dropout          4        3     x         x          x      0.2   dropout on attention weights and outputs
+    gpt              6        6     x         x          x      0.2   scaled up: n_embd 384, context 256
 
 The bigram the lecture starts from is `model.BigramLanguageModel`. model.py's `CausalSelfAttention` computes
 the same attention as `MultiHeadAttention` with the heads as a batch dimension (tests/test_lecture.py).
