@@ -9,7 +9,7 @@
 - EX3, when LECTURE_CORPUS names the English corpus of bench/lecture_corpus.py: pretraining on it (train and
   val split loss), then finetuning on Shakespeare, against training from scratch for the same steps.
 
-    python -m bench.lecture [--quick]   # --quick: one seed, 300 steps per stage, 4 steps of the rest
+    python -m bench.lecture [--quick]   # --quick: one seed, 300 steps per stage, 2 steps of the rest
 
 EX3's corpus is built from three Debian packages (nothing of them is in this repository):
 
@@ -133,7 +133,7 @@ def reference_curve(gpt_py: Path, steps: int, eval_interval: int, eval_iters: in
 def scaled_up_rows(quick: bool) -> list[Row]:
     import os
 
-    steps, interval, iters = (4, 2, 2) if quick else (GPT_STEPS, GPT_EVAL_INTERVAL, GPT_EVAL_ITERS)
+    steps, interval, iters = (2, 1, 2) if quick else (GPT_STEPS, GPT_EVAL_INTERVAL, GPT_EVAL_ITERS)
     with tempfile.TemporaryDirectory() as tmp:
         result, wall = train("lecture-gpt", Path(tmp) / "run", "--max_steps", str(steps), "--eval_interval",
                              str(interval), "--eval_iters", str(iters), "--batch_size", str(GPT_BATCH),
@@ -181,7 +181,7 @@ def ex3_rows(quick: bool) -> list[Row]:
     if not corpus:
         print("LECTURE_CORPUS not set: EX3 (pretraining on English) is not run", file=sys.stderr)
         return []
-    pre_steps, steps, iters = (4, 4, 2) if quick else (EX3_PRETRAIN_STEPS, EX3_SHAKESPEARE_STEPS, EX3_EVAL_ITERS)
+    pre_steps, steps, iters = (2, 2, 2) if quick else (EX3_PRETRAIN_STEPS, EX3_SHAKESPEARE_STEPS, EX3_EVAL_ITERS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pre, wall = train("lecture-gpt", Path(tmp) / "pre", "--text_path", corpus, *EX3_MODEL, *lr(EX3_LR),
