@@ -2,11 +2,11 @@
 
 - every small stage (`lecture-bigram` .. `lecture-dropout`) at its preset's full recipe, 3 seeds: the mean final
   val loss against the lecture's figure (goal: within 0.05), the range over seeds, parameters and wall time;
-- the scaled-up `lecture-gpt` (~9 h at its full 5,000 steps here) for `GPT_STEPS` steps at batch `GPT_BATCH`
-  only, its val loss at each evaluation against the lecture's own gpt.py run with the same shortened settings,
-  when the environment variable LECTURE_GPT_PY names a copy of it (karpathy/ng-video-lecture's gpt.py; it is
-  run in a temporary folder with tiny Shakespeare);
-- EX3, when LECTURE_CORPUS names the English corpus of bench/lecture_corpus.py: pretraining on it (train and
+- the scaled-up `lecture-gpt` (far too long at its full 5,000 steps of batch 64 on a CPU) for `GPT_STEPS` steps
+  at batch `GPT_BATCH` only, its val loss at each evaluation against the lecture's own gpt.py run with the same
+  shortened settings, when the environment variable LECTURE_GPT_PY names a copy of it (karpathy/ng-video-lecture's
+  gpt.py; it is run in a temporary folder with tiny Shakespeare);
+- EX3, when LECTURE_CORPUS names the English corpus built below: pretraining on it (train and
   val split loss), then finetuning on Shakespeare, against training from scratch for the same steps.
 
     python -m bench.lecture [--quick]   # --quick: one seed, 300 steps per stage, 2 steps of the rest
