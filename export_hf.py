@@ -22,6 +22,7 @@ sha256, is simply exported again).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -41,7 +42,9 @@ from gpt2repro.checkpoint import (
     model_from_checkpoint,
 )
 from gpt2repro.devices import quiet_library_logs
-from gpt2repro.fileio import public_mode, sha256_of
+from gpt2repro.errors import check_writable
+from gpt2repro.fileio import exchange_paths, public_mode, read_json, sha256_of
+from gpt2repro.rundir import lock_directory
 from gpt2repro.tokenizer import GPT2_EOT, Tokenizer, gpt2_encoding, tokenizer_from_dict
 from model import CONV1D_WEIGHTS, GPT, GPTConfig
 
@@ -198,7 +201,7 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 def _marker(out_dir: Path) -> dict | None:
     """The marker of an earlier export in `out_dir`; None when there is none or it is not ours."""
     try:
-        marker = json.loads((out_dir / EXPORT_MARKER).read_text(encoding="utf-8"))
+        marker = read_json(out_dir / EXPORT_MARKER)
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("format") != EXPORT_FORMAT or not isinstance(marker.get("files"),
@@ -262,15 +265,43 @@ def _write_marker(tmp: Path, path: Path, sha256: str) -> None:
     (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
+def _hold(out_dir: Path) -> tuple[int, bool]:
+    """The flock a trainer takes on its run directory (rundir.RunLock), taken on OUT_DIR (made empty when missing):
+    a directory a trainer holds is refused, and no trainer can take it while the export is renamed into place.
+    Returns the fd holding it and whether OUT_DIR was made here."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return lock_directory(out_dir, "output directory"), created
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
 def _publish(tmp: Path, out_dir: Path, source_sha256: str | None) -> None:
-    """Move the finished export into place; an earlier export is moved aside first and only its own files deleted."""
-    check_replaceable(out_dir, source_sha256)  # again: the directory may have changed while the export was written
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        os.replace(tmp, out_dir)  # a rename onto an empty directory replaces it
-        return
-    old = out_dir.parent / f".{out_dir.name}.old.{secrets.token_hex(6)}"
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    """Move the finished export into place, holding OUT_DIR's lock; an earlier export is swapped out in one step
+    (renameat2 RENAME_EXCHANGE where the system has it) and only its own files are deleted."""
+    fd, created = _hold(out_dir)
+    try:
+        check_replaceable(out_dir, source_sha256)  # again: the directory may have changed while the export was written
+        if not any(out_dir.iterdir()):
+            os.replace(tmp, out_dir)  # a rename onto an empty directory replaces it; the lock held is on that one
+            return
+        old = out_dir.parent / f".{out_dir.name}.old.{secrets.token_hex(6)}"
+        if exchange_paths(tmp, out_dir):
+            os.replace(tmp, old)
+        else:
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    finally:
+        os.close(fd)
     owned = _owned_files(old) or set()
     for f in old.iterdir():  # entries that are there, never a path the marker names elsewhere
         if f.name in owned and f.is_file() and not f.is_symlink():
@@ -288,7 +319,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, verify: bool = True, ove
     out_dir = Path(out_dir)
     sha256 = sha256_of(path)
     guard = None if overwrite else sha256  # what check_replaceable compares an earlier export's source with
-    check_replaceable(out_dir, guard)  # before the (large) checkpoint is loaded
+    if out_dir.resolve() in (Path.cwd(), *Path.cwd().parents):  # renamed over, it would hide the shell's cwd
+        raise ValueError(f"OUT_DIR {out_dir} is the current directory or holds it; name a new directory, e.g. "
+                         f"{Path(out_dir) / 'hf'}")
+    check_writable(out_dir, "OUT_DIR")  # before the (large) checkpoint is loaded
+    if out_dir.is_dir() and not out_dir.is_symlink():  # a trainer's run dir, even still empty, is refused now
+        os.close(lock_directory(out_dir, "output directory"))
+    check_replaceable(out_dir, guard)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path))
     tokenizer: Tokenizer = tokenizer_from_dict(ckpt["tokenizer"])

@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -39,8 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2repro.errors import check_writable, first_line, one_line_errors
-from gpt2repro.fileio import atomic_write_bytes, sha256_of
-from gpt2repro.shards import DTYPE, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
+from gpt2repro.fileio import atomic_write_bytes, limited_lines, parse_json, read_json, sha256_of
+from gpt2repro.shards import DTYPE, check_prefix, check_token_ids, npy_header, open_shard, shard_bytes, shard_name
 from gpt2repro.tokenizer import GPT2_EOT, GPT2_PATTERN, gpt2_encoding
 
 if TYPE_CHECKING:  # datasets is imported where it is used: tokenizer workers never need it
@@ -50,6 +51,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gpt2-repro token shards v1"
 BATCH_DOCS = 256  # documents per tokenizer task: ~1 MB of web text, large enough to amortize the IPC
 TOKENS_PER_BYTE = 0.3  # a deliberately high guess of GPT-2 tokens per byte of English text, for the disk check
+MAX_LINE_BYTES = 1 << 30  # one JSON line (one document) of a --data_files .jsonl, as `datasets` reads it whole
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 
 
@@ -112,9 +114,19 @@ def tokenize_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat.astype(DTYPE), lengths
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool cleanly
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     gpt2_encoding()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A parent killed outright (SIGKILL, the OOM killer) never stops its pool, and a worker waiting for the next
+    batch would wait forever (it holds the task queue's write end itself): exit once the parent is gone, which
+    also lets multiprocessing's resource tracker see its last user go and exit."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------- the source corpus
@@ -171,13 +183,23 @@ def resolve_revision(cfg: JobConfig) -> str | None:
         return cfg.revision
 
 
-def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int) -> Dataset | IterableDataset:
-    """The corpus as a `datasets` Dataset (or IterableDataset with --streaming) of just the text column."""
+def content_key(source: dict) -> str:
+    """A name for the local files' exact bytes: `datasets` keys its cache of local files on path and mtime only,
+    so a file edited in place with its size and mtime kept (`cp -p`, `rsync -a`, `tar x`) would be read stale."""
+    digests = "".join(f["sha256"] for f in source.get("files", []))
+    return "sha256-" + hashlib.sha256(digests.encode()).hexdigest()[:32]
+
+
+def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int, key: str | None = None) -> Dataset | IterableDataset:
+    """The corpus as a `datasets` Dataset (or IterableDataset with --streaming) of just the text column; local
+    files are cached under the config name `key` (`content_key`), so new bytes are never served from an old cache."""
     import datasets  # here, not at the top: tokenizer workers never need it
 
     try:
         if files:
             kwargs = {"sample_by": cfg.txt_sample_by} if file_builder(files) == "text" else {}
+            if key is not None:
+                kwargs["name"] = key
             ds = datasets.load_dataset(file_builder(files), data_files=[str(f) for f in files], split=cfg.split,
                                        streaming=cfg.streaming,
                                        num_proc=None if cfg.streaming or len(files) < 2 else min(num_proc, len(files)),
@@ -186,6 +208,8 @@ def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int) -> Dataset | I
             ds = datasets.load_dataset(cfg.dataset, name=cfg.name, split=cfg.split, revision=cfg.revision,
                                        streaming=cfg.streaming, num_proc=None if cfg.streaming else num_proc)
     except Exception as e:
+        if files and file_builder(files) == "json":
+            check_json_lines(files)  # names file:line of what datasets only calls a generation error
         what = ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "") if files else cfg.dataset
         first = (str(e).strip().splitlines() or [""])[0][:200]
         hint = "check the files" if files else "check the network (and HF_HUB_OFFLINE), or read local --data_files"
@@ -200,6 +224,33 @@ def load_corpus(cfg: JobConfig, files: list[Path], num_proc: int) -> Dataset | I
         raise FinewebError(f"{source_name(cfg)}: column {cfg.text_column!r} holds {kind}, not text; "
                            "pick another --text_column or clean the corpus")
     return ds.select_columns([cfg.text_column])
+
+
+def check_json_lines(files: list[Path]) -> None:
+    """Find the first line of these JSON-lines files that is not a JSON object, as `file:line`, as hellaswag.py
+    does; an empty file is named too."""
+    for path in files:
+        if path.suffix != ".jsonl":  # compressed, or a .json document: left to `datasets`' own message
+            continue
+        seen = False
+        with open(path, "rb") as f:
+            for number, raw in limited_lines(f, str(path), 1 << 62, MAX_LINE_BYTES):
+                if not raw.strip():
+                    continue
+                seen = True
+                try:
+                    record = parse_json(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise FinewebError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line); fix or "
+                                       "remove that line") from None
+                except ValueError as e:  # JSONDecodeError, nested too deeply, a number of hundreds of digits
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise FinewebError(f"{path}:{number}: not valid JSON ({reason}); fix or remove that line") from None
+                if not isinstance(record, dict):
+                    raise FinewebError(f"{path}:{number}: a JSON {type(record).__name__}, not an object with a "
+                                       "text field; fix or remove that line")
+        if not seen:
+            raise FinewebError(f"{path}: no JSON lines in it (the file is empty); pass files with documents")
 
 
 def source_name(cfg: JobConfig) -> str:
@@ -343,7 +394,7 @@ def read_manifest(out_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except (OSError, ValueError) as e:
         raise FinewebError(f"{path}: unreadable ({e}); delete {out_dir} to start over") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
@@ -425,7 +476,8 @@ def tokenized_batches(batches: Iterator[list[str]], num_proc: int) -> Iterator[t
             yield (*tokenize_documents(texts), len(texts))
         return
     # spawn on every OS: the same start method as macOS and Windows, and no fork of a process holding datasets
-    with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[tuple[Future, int]] = deque()
         try:
             for texts in batches:
@@ -452,6 +504,7 @@ def position_in_batch(lengths: np.ndarray, first_doc: int, j: int) -> Position:
 
 def check_options(cfg: JobConfig) -> None:
     """Numbers in range, and no hub option that --data_files would silently ignore."""
+    check_prefix(cfg.prefix)
     if cfg.shard_size < 1:
         raise FinewebError(f"--shard_size must be positive, got {cfg.shard_size}")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
@@ -560,7 +613,7 @@ def run(cfg: JobConfig) -> dict:
     if manifest["shards"]:
         print(f"resuming: keeping {len(manifest['shards'])} finished shards, going on from document {start.doc:,}")
     num_proc = cfg.num_proc or default_num_proc()
-    ds = load_corpus(cfg, files, num_proc)
+    ds = load_corpus(cfg, files, num_proc, content_key(manifest["source"]) if files else None)
     n_docs = None if cfg.streaming else len(ds)
     n_bytes = text_bytes(ds, cfg, files)
     if n_bytes == 0:  # else every document would be a lone EOT

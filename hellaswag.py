@@ -31,15 +31,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from gpt2repro.devices import DTYPES, autocast, compile_cached, pick_device, quiet_library_logs
-from gpt2repro.errors import check_writable, one_line_errors
+from gpt2repro.errors import STDOUT, check_writable, one_line_errors
 from gpt2repro.eval_mode import eval_mode
-from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.fileio import MiB, atomic_create_bytes, atomic_write_bytes, limited_lines, parse_json
 from gpt2repro.tokenizer import Tokenizer, cache_dir, get_tokenizer
 from model import GPT
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 NUM_ENDINGS = 4
+MAX_JSONL_BYTES = 512 * MiB  # the train split is 47 MB; a file past this is not HellaSwag
+MAX_LINE_BYTES = 1 * MiB  # an example is about 1 KB
 LM_HEAD_CHUNK = 256  # rows of logits materialised at a time: ~50 MB for a 50k vocab
 PACK_ROW_TOKENS = 256  # our GPT: examples (~130 tokens) packed into rows this long, or the longest example
 DEFAULT_BATCH_TOKENS = 8192  # tokens per forward: a GPU wants more (the trainer passes its micro-batch's)
@@ -108,11 +110,11 @@ def _check_example(ex: object, where: str) -> dict:
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     """Examples from a HellaSwag jsonl file, checked line by line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise HellaSwagError(f"{path}: no such file")
     examples = []
     with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is named by its line
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in limited_lines(f, str(path), MAX_JSONL_BYTES, MAX_LINE_BYTES):
             if limit is not None and len(examples) >= limit:
                 break
             try:
@@ -123,10 +125,13 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                ex = json.loads(line)
+                ex = parse_json(line)
             except json.JSONDecodeError as e:
                 raise HellaSwagError(f"{path}:{lineno}: not valid JSON ({e.msg}); the file may be truncated or "
                                      "corrupt, delete it to download it again") from None
+            except ValueError as e:  # nested too deeply, a number of hundreds of digits
+                raise HellaSwagError(f"{path}:{lineno}: not a HellaSwag example ({e}); is this the right file?") \
+                    from None
             examples.append(_check_example(ex, f"{path}:{lineno}"))
     if not examples:
         raise HellaSwagError(f"{path}: no examples in the file")
@@ -548,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("limit", "batch_size", "batch_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag} must be at least 1")
-    with one_line_errors():  # HellaSwagError, CheckpointError, load_model's errors, OSError, OOM: one line each
+    # HellaSwagError, CheckpointError, load_model's errors, OSError, OOM: one line each; every file written names
+    # itself in its OSError, so one without a name is from printing the scores
+    with one_line_errors(path=STDOUT):
         if args.predictions:
             check_predictions_path(Path(args.predictions))  # before the evaluation, not after it
         device = pick_device(args.device)
@@ -563,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_result(result, args.model, source), flush=True)  # the scores first: a failed write keeps them
         if args.predictions:
             lines = "".join(json.dumps(p) + "\n" for p in result["predictions"])
-            atomic_write_bytes(Path(args.predictions), lines.encode())
+            atomic_create_bytes(Path(args.predictions), lines.encode())  # never replaces one made meanwhile
 
 
 if __name__ == "__main__":

@@ -151,13 +151,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: RopeAngles | None = None,
-        kv_cache: generation.StaticKVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeAngles | None = None, kv_cache: generation.StaticKVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)  # tokens exchange information
         return x + self.mlp(self.ln_2(x))  # then each token computes on its own
 

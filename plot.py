@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.fileio import MAX_JSON_FILE, MiB, atomic_write_bytes, parse_json, read_limited
 from gpt2repro.gpt2_sizes import HF_MODELS, size_of_shape
 
 if TYPE_CHECKING:  # imported where used: matplotlib is slow to import
@@ -36,6 +36,8 @@ class Baseline:
     gpt2_hellaswag: float  # acc_norm of OpenAI's GPT-2 checkpoint
     gpt3_hellaswag: float  # the GPT-3 paper's zero-shot HellaSwag for the model of that size
 
+
+MAX_METRICS_BYTES = 256 * MiB  # a long run logs a few MB; a file past this is not a metrics.jsonl
 
 BASELINES = {
     "124M": Baseline("124M", 3.2924, 0.2945, 0.337),
@@ -62,7 +64,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     try:
-        content = path.read_text(encoding="utf-8")
+        content = read_limited(path, MAX_METRICS_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise ValueError(f"{path}: cannot read it ({reason}); is this a run directory of train_gpt2.py?") from None
@@ -72,11 +74,13 @@ def read_metrics(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
+            event = parse_json(line)
         except json.JSONDecodeError as e:
             if not (n == len(lines) and not content.endswith("\n")):  # else a live run is writing it right now
                 torn.append((n, e.msg))
             continue
+        except ValueError as e:  # nested too deeply, a number of hundreds of digits: no line train_gpt2.py writes
+            raise ValueError(f"{path}:{n}: not an event of train_gpt2.py ({e}); fix or delete that line") from None
         if not isinstance(event, dict) or not isinstance(event.get("step"), int):
             raise ValueError(f"{path}:{n}: expected a JSON object with an integer 'step'; fix or delete that line")
         records.append(event)
@@ -107,11 +111,13 @@ def read_config(path: Path) -> dict:
         return {}
     fix = "fix it, or move it away to plot without it"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = parse_json(read_limited(path, MAX_JSON_FILE).decode("utf-8"))
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    except ValueError as e:  # too large, nested too deeply, a number of hundreds of digits
+        raise ValueError(f"{path}: not a config of train_gpt2.py ({e}); {fix}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not the object train_gpt2.py writes; {fix}")
     return config

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from gpt2repro.errors import one_line_errors
-from gpt2repro.fileio import atomic_write_bytes, sha256_of
+from gpt2repro.fileio import atomic_write_bytes, read_limited, sha256_of
 from gpt2repro.tokenizer import GPT2_RANKS_SHA256, gpt2_ranks_path
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def ensure_shakespeare(dest: Path = ROOT / "input.txt") -> Path:
     candidates: list[tuple[str, bytes | None]] = []
     for p in local:
         if p.is_file():
-            candidates.append((str(p), p.read_bytes()))
+            candidates.append((str(p), read_limited(p, 64 << 20)))  # 1 MB expected; its sha256 decides
     candidates.append((SHAKESPEARE_URL, None))
     for source, data in candidates:
         if data is None:

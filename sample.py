@@ -19,14 +19,14 @@ import codecs
 import math
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
 from gpt2repro.addition import answer_problems
 from gpt2repro.checkpoint import load_model
 from gpt2repro.devices import autocast, pick_device, pick_dtype, quiet_library_logs
-from gpt2repro.errors import describe_os_error
+from gpt2repro.errors import STDOUT, describe_os_error, one_line_errors
+from gpt2repro.fileio import read_limited
 from gpt2repro.generate import DECODE_PATHS, generate_batch
 from gpt2repro.tokenizer import Tokenizer
 from model import LanguageModel
@@ -34,6 +34,7 @@ from model import LanguageModel
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 DEFAULT_NUM_SAMPLES = 4
 DEFAULT_BATCH_SIZE = 32
+MAX_PROMPT_FILE = 64 << 20  # bytes of --prompt_file: far more prompts than a run generates for
 # what an addition run never reads: it answers every problem greedily, in the answer's fixed length, in fp32
 ADDITION_IGNORES = ("num_samples", "batch_size", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "dtype",
                     "no_cache", "decode")
@@ -98,26 +99,37 @@ def escape_line(text: str) -> str:
     return text.translate(LINE_ESCAPES)
 
 
-def read_prompts(path: str, tokenizer: Tokenizer) -> list[list[int]]:
-    """The tokens of every line of `path` (split at \\n, a trailing \\r dropped); an empty line starts from
-    <|endoftext|>. A missing or empty file, or a line that does not encode, is a ValueError naming the line."""
+def read_lines(path: str, what: str) -> list[bytes]:
+    """The lines of --prompt_file (at most MAX_PROMPT_FILE bytes), split at \\n only, a trailing \\r dropped: not
+    str.splitlines, which also splits at \\x0b, \\x0c, \\x1c-\\x1e, \\x85 and U+2028/9 inside a line."""
     try:
-        data = Path(path).read_bytes()
+        data = read_limited(path, MAX_PROMPT_FILE, "--prompt_file")
     except OSError as e:
         raise ValueError(describe_os_error(e, "--prompt_file")) from None
     lines = data.split(b"\n")
     if lines[-1] == b"":  # the newline that ends the last line starts no prompt
         lines.pop()
     if not lines:
-        raise ValueError(f"--prompt_file {path}: the file is empty; write one prompt per line")
+        raise ValueError(f"--prompt_file {path}: the file is empty; write one {what} per line")
+    return [line.removesuffix(b"\r") for line in lines]
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+
+
+def read_prompts(path: str, tokenizer: Tokenizer) -> list[list[int]]:
+    """The tokens of every line of `path` (`read_lines`); an empty line starts from <|endoftext|>. A missing or
+    empty file, or a line that does not encode, is a ValueError naming the line."""
     prompts = []
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(read_lines(path, "prompt"), start=1):
         where = f"--prompt_file {path} line {number}"
+        line = decode_line(raw, where)
         try:
-            ids = tokenizer.encode(raw.removesuffix(b"\r").decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") \
-                from None
+            ids = tokenizer.encode(line)
         except ValueError as e:  # a character outside a char-level vocabulary
             raise ValueError(f"{where}: {e}") from None
         if not ids and tokenizer.eot is None:
@@ -128,18 +140,17 @@ def read_prompts(path: str, tokenizer: Tokenizer) -> list[list[int]]:
 
 
 def problem_lines(path: str, tokenizer: Tokenizer) -> list[str]:
-    """The problems of an addition run's --prompt_file, one per line, each checked (a ValueError naming the line)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--prompt_file {path}: cannot read it ({e}); write one problem per line") from None
-    if not lines:
-        raise ValueError(f"--prompt_file {path}: the file is empty; write one problem per line")
-    for number, line in enumerate(lines, start=1):
+    """The problems of an addition run's --prompt_file, one per line (`read_lines`), each checked (a ValueError
+    naming the line), so that output line i answers input line i."""
+    lines = []
+    for number, raw in enumerate(read_lines(path, "problem"), start=1):
+        where = f"--prompt_file {path} line {number}"
+        line = decode_line(raw, where)
         try:
             tokenizer.parse_problem(line)
         except ValueError as e:
-            raise ValueError(f"--prompt_file {path} line {number}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
+        lines.append(line)
     return lines
 
 
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="auto: CUDA graphs on CUDA, eager elsewhere (see generate.py)")
     args = p.parse_args(argv)
     check_flags(args)
-    try:
+    with one_line_errors(path=STDOUT):  # ValueError (CheckpointError, unknown prompt characters), OSError, OOM
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)
         model, tokenizer = load_model(args.init)
@@ -237,8 +248,6 @@ def main(argv: list[str] | None = None) -> None:
                                 **sampling):
                 print(piece, end="", flush=True)
             print(flush=True)
-    except ValueError as e:  # includes CheckpointError and unknown prompt characters
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

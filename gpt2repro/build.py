@@ -17,6 +17,7 @@ from gpt2repro.checkpoint import load_model
 from gpt2repro.config import ConfigError, TrainConfig
 from gpt2repro.data import ShardedTokenLoader, TokenLoader, split_tokens
 from gpt2repro.devices import Dist, compile_cached, compile_unsupported, convert_to_fp8, use_compile_cache
+from gpt2repro.fileio import read_limited
 from gpt2repro.models import MODEL_TYPES, ModelConfig
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding
 from model import LanguageModel
@@ -31,9 +32,13 @@ def seed_everything(seed: int, device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+MAX_TEXT_BYTES = 256 << 20  # --text_path is tokenized in memory; a larger corpus goes through fineweb.py's shards
+
+
 def read_text(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_limited(Path(path), MAX_TEXT_BYTES, "--text_path").decode("utf-8")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # as a text-mode read gives it
     except OSError as e:
         raise ValueError(f"cannot read --text_path {path}: {e.strerror}; run `python prepare.py` or pass a "
                          "file") from None

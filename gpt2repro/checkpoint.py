@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import random
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from gpt2repro.errors import first_line
-from gpt2repro.fileio import atomic_write, refused_object
+from gpt2repro.fileio import MAX_JSON_FILE, atomic_write, parse_json, read_json, read_limited, refused_object
 from gpt2repro.gpt2_sizes import HF_MODELS
 from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES, ModelConfig
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
@@ -57,20 +58,26 @@ def weights_finite(state_dict: dict[str, torch.Tensor]) -> bool:
 def check_crc(path: Path) -> None:
     """`torch.load` ignores the CRC-32 that `torch.save` records per entry, so a flipped bit would load as
     silently wrong weights; check them first (zip-format files only)."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({e}); the file is corrupt or "
-                                   "truncated") from None
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as zf:
+        bad = zf.testzip()
     if bad is not None:
         raise UnreadableCheckpoint(f"{path}: corrupt, its entry {bad} fails its CRC check; use an earlier checkpoint")
 
 
+def is_memory_error(e: BaseException) -> bool:
+    """Running out of memory while loading says nothing about the file: it is never set aside for that."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load one of our checkpoints; any other file is a `CheckpointError` saying what is wrong."""
+    """Load one of our checkpoints; any other file is a `CheckpointError` saying what is wrong.
+
+    Whatever reading its bytes raises (zipfile and zlib errors, NotImplementedError for a flipped compression
+    method or version, RuntimeError from torch's reader, pickle errors) is an `UnreadableCheckpoint` naming the
+    file, which `--resume auto` sets aside; only a file that cannot be opened, or too little memory, is not.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -78,9 +85,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         open(path, "rb").close()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open it ({e.strerror or e}); check its permissions") from None
-    check_crc(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        check_crc(path)
+        with warnings.catch_warnings():  # torch warns about some damaged archives before failing on them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except UnreadableCheckpoint:
+        raise
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UnreadableCheckpoint(
@@ -89,11 +100,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from None
         raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({first_line(e, 120)}); the file may be "
                                    "corrupt") from None
-    # LookupError: a text file read as a pickle; OSError: a truncated zip
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, LookupError) as e:
-        raise UnreadableCheckpoint(
-            f"{path}: not a readable checkpoint ({first_line(e, 120)}); the file is corrupt or truncated"
-        ) from None
+    except Exception as e:
+        if is_memory_error(e):
+            raise CheckpointError(f"{path}: not enough memory to load it ({first_line(e, 120)}); free memory or "
+                                  "load it on a larger machine") from None
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e, 120)}); "
+                                   "the file is corrupt or truncated") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UnreadableCheckpoint(
             f"{path}: not a gpt2-repro checkpoint (needs keys {', '.join(REQUIRED_KEYS)}); "
@@ -253,7 +265,7 @@ def config_from_hf(c: GPT2Config, source: str) -> GPTConfig:
 def check_hf_config(path: Path) -> None:
     """A Hugging Face config.json that is JSON with positive integer sizes, before `transformers` trips on it."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = parse_json(read_limited(path, MAX_JSON_FILE).decode("utf-8"))
     except FileNotFoundError:
         return  # transformers says what is missing
     except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
@@ -293,7 +305,7 @@ TRAINING_CONFIG_KEYS = ("max_steps", "preset")  # in train_gpt2.py's config.json
 def is_training_config(path: Path) -> bool:
     """Whether `path` is the config.json train_gpt2.py writes into a run dir (not a Hugging Face model config)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and any(k in config for k in TRAINING_CONFIG_KEYS)
@@ -309,7 +321,7 @@ def hf_dir_tokenizer(spec: str, model: LanguageModel) -> Tokenizer:
         tokenizer = get_tokenizer("gpt2")
     else:
         try:
-            tokenizer = tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
+            tokenizer = tokenizer_from_dict(read_json(path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a tokenizer export_hf.py wrote ({type(e).__name__}: {first_line(e)}); "
                              "export the checkpoint again") from None

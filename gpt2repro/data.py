@@ -32,6 +32,19 @@ def shuffle_documents(tokens: np.ndarray, eot: int, rng: np.random.Generator) ->
     return np.concatenate([tokens[starts[i] : ends[i]] for i in order])
 
 
+def batch_fix(n: int, B: int, T: int, world_size: int) -> str:
+    """What makes one batch fit in `n` tokens: a smaller --block_size or --batch_size where one exists, else more
+    text (never "at most 0")."""
+    fixes = []
+    if (n - 1) // (B * world_size) >= 1:
+        fixes.append(f"--block_size {(n - 1) // (B * world_size)} or less")
+    if (n - 1) // T // world_size >= 1:
+        fixes.append(f"--batch_size {(n - 1) // T // world_size} or less")
+    if fixes:
+        return "use " + ", or ".join(fixes)
+    return f"give it more text: even --batch_size 1 --block_size 1 needs {world_size + 1} tokens"
+
+
 class TokenLoader:
     """Batches (x, y) of shape (B, T) from a list of token sources, striped over `world_size` ranks.
 
@@ -61,10 +74,8 @@ class TokenLoader:
             n = len(src) if isinstance(src, np.ndarray) else len(open_shard(src))
             if (n - 1) // T < self.rows_per_step:
                 where = src if isinstance(src, Path) else f"{name} source {i}"
-                raise ValueError(
-                    f"{where}: {n:,} tokens cannot fill one batch of {world_size} rank(s) x {B} rows x {T}+1 tokens; "
-                    f"lower --batch_size or --block_size (at most {max(n - 1, 0) // self.rows_per_step})"
-                )
+                raise ValueError(f"{where}: {n:,} tokens cannot fill one batch of {world_size} rank(s) x {B} rows x "
+                                 f"{T}+1 tokens; {batch_fix(n, B, T, world_size)}")
         self.reset()
 
     def reset(self, epoch: int = 0) -> None:

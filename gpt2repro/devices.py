@@ -7,11 +7,13 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from gpt2repro.cpu_caps import cpu_has_native_bf16, matmul_peak_flops
+from gpt2repro.errors import check_writable
 from gpt2repro.tokenizer import cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,7 +167,9 @@ def use_compile_cache() -> str:
     restarted run compiles from them even after a reboot cleared /tmp; a TORCHINDUCTOR_CACHE_DIR set by the user
     wins. The cache is never read from a run directory: its entries are code that gets executed."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    path = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    check_writable(Path(path), "TORCHINDUCTOR_CACHE_DIR")  # else inductor fails deep inside, naming some subpath
+    return path
 
 
 def compile_cached(fn, **kwargs):

@@ -67,15 +67,38 @@ def check_writable(path: Path, flag: str) -> None:
                          f"pick another {flag}")
 
 
+STDOUT = "stdout"  # the `path` of one_line_errors for a stage whose only output is what it prints
+
+
+def stdout_failed() -> bool:
+    """Whether stdout cannot take its buffered output now (a print to a full disk or a closed pipe)."""
+    try:
+        sys.stdout.flush()
+        return False
+    except (OSError, ValueError):  # ValueError: stdout was closed
+        return True
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null once it has failed, so that the flush at exit does not fail again with a traceback."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 @contextlib.contextmanager
 def one_line_errors(oom_advice: str = OOM_ADVICE, path: str | Path = "") -> Iterator[None]:
     """Turn the errors a user can fix into `sys.exit("error: ...")`; anything else is a bug and keeps its traceback.
 
-    `path` names an OSError that carries no file name (a failed write to a file already open).
+    `path` names an OSError that carries no file name (a failed write to a file already open); such an error while
+    stdout cannot be flushed is stdout's (`STDOUT`: always).
     """
     try:
         yield
     except OSError as e:
+        if not e.filename and (str(path) == STDOUT or stdout_failed()):  # a print to a full disk or a closed pipe
+            drop_stdout()
+            sys.exit(f"error: cannot write to stdout ({e.strerror or e}); the output is incomplete, send it "
+                     "somewhere else")
         sys.exit(f"error: {describe_os_error(e, '' if e.filename else str(path))}")
     except ValueError as e:  # includes CheckpointError, ConfigError, HellaSwagError and FinewebError
         sys.exit(f"error: {e}")

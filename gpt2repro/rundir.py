@@ -25,21 +25,14 @@ CONFIG_FILE = "config.json"
 
 class RunLock:
     """An OS lock (flock) on the run directory itself: held for the life of the process, released by the kernel
-    on any exit (SIGKILL included), so a crashed run never blocks the next one; no file is created for it."""
+    on any exit (SIGKILL included), so a crashed run never blocks the next one; no file is created for it.
+    export_hf.py takes the same lock before it renames an export into place, so it never replaces a directory
+    a trainer holds, and a trainer never holds a directory that was renamed away under it."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, what: str = "--out_dir") -> None:
         self.out_dir, self.created = out_dir, not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = os.open(out_dir, os.O_RDONLY)
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = lock_holder(os.fstat(self.fd).st_ino) or "unknown"
-            self.release()
-            raise ValueError(f"{out_dir} is in use by another trainer (pid {holder}); wait for it to finish, "
-                             "stop it, or choose another --out_dir") from None
+        self.fd: int | None = lock_directory(out_dir, what)
 
     def release(self) -> None:
         """Drop the lock; a directory this run created and left empty (a failed start) is removed again."""
@@ -49,6 +42,32 @@ class RunLock:
             if self.created:
                 with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
                     self.out_dir.rmdir()
+
+
+def lock_directory(path: Path, what: str = "--out_dir") -> int:
+    """An open fd of directory `path` holding its exclusive flock; a ValueError naming the holder when another
+    process holds it. The lock is taken again when `path` was replaced between the open and the lock, so the
+    lock held is always on the directory that `path` names."""
+    for _ in range(100):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(os.fstat(fd).st_ino) or "unknown"
+            os.close(fd)
+            raise ValueError(f"{path} is in use by another trainer or export (pid {holder}); wait for it to finish, "
+                             f"stop it, or choose another {what}") from None
+        try:
+            same = os.path.samestat(os.stat(path), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # renamed away meanwhile: lock what is there now
+        path.mkdir(parents=True, exist_ok=True)
+    raise ValueError(f"{path} keeps being replaced by another process; choose another {what}")
 
 
 def lock_holder(inode: int) -> str:

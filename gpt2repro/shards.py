@@ -14,9 +14,18 @@ import numpy as np
 DTYPE = np.dtype("<u2")  # uint16: every GPT-2 id (< 50257) fits, at half the bytes of int32
 
 
+def check_prefix(prefix: str) -> str:
+    """A shard prefix is a plain name: with a path separator (`../x`) the shards would land outside their folder."""
+    if not prefix or prefix in (".", "..") or "/" in prefix or "\\" in prefix or "\0" in prefix \
+            or prefix.startswith("."):
+        raise ValueError(f"--prefix {prefix!r}: must be a plain file-name prefix (no '/', '\\', or leading '.'), as "
+                         "shards are written inside --out_dir; choose the folder with --out_dir")
+    return prefix
+
+
 def shard_name(prefix: str, index: int) -> str:
     """Shard 0 is the validation shard, as in build-nanogpt."""
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+    return f"{check_prefix(prefix)}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
 def npy_header(n_tokens: int) -> bytes:

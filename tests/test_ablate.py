@@ -8,13 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import shakespeare
 
 from bench import ablate
 from bench.ablate import BASELINE, OPTIONS, Budget, Result
 from gpt2repro import config
 from model import GPTConfig
 from plot import load_run
-from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SHAPE = ("--n_layer", "1", "--n_head", "2", "--n_embd", "16")
@@ -111,7 +111,7 @@ def test_no_winner_is_said_so(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:20000])
+    path.write_text(shakespeare().read_text()[:20000])
     return path
 
 

@@ -125,6 +125,8 @@ CASES: dict[str, Case] = {
                                   [str(s / "empty" / "input.txt")]),
     "non-UTF-8 input.txt": lambda s: (train_gpt2.main, train_args(s, "--text_path", str(_latin1(s))),
                                       [str(s / "latin1.txt"), "UTF-8"]),
+    "endless --text_path (/dev/zero)": lambda s: (train_gpt2.main, train_args(s, "--text_path", "/dev/zero"),
+                                                 ["--text_path /dev/zero", "bytes"]),
     # prompts
     "sample prompt outside the char vocabulary": lambda s: (
         train_gpt2.main, train_args(s, "--sample_prompt", "ROMEO: ¿qué?"), ["--sample_prompt", "'¿'"]),
@@ -190,6 +192,12 @@ CASES: dict[str, Case] = {
     "malformed HellaSwag line": lambda s: (
         _hellaswag_main(), ["--jsonl", str(_bad_hellaswag(s)), "--model", str(s / "run"), "--device", "cpu"],
         [f"{s / 'hellaswag.jsonl'}:2"]),
+    "HellaSwag line nested 200,000 deep": lambda s: (
+        _hellaswag_main(), ["--jsonl", str(_hostile_line(s, "hs.jsonl", "[" * 200_000)), "--model", str(s / "run"),
+                            "--device", "cpu"], [f"{s / 'hs.jsonl'}:2", "nested"]),
+    "HellaSwag file with no line break (/dev/zero)": lambda s: (
+        _hellaswag_main(), ["--jsonl", str(_endless(s)), "--model", str(s / "run"), "--device", "cpu"],
+        [f"{s / 'endless'}:1", "longer than"]),
     # flags
     "unknown preset": lambda s: (train_gpt2.main, train_args(s, "--preset", "gpt3"), ["'gpt3'", "shakespeare-char"]),
     "unknown flag": lambda s: (train_gpt2.main, train_args(s, "--max_step", "3"), ["--max_step", "--max_steps"]),
@@ -209,6 +217,8 @@ CASES: dict[str, Case] = {
         export_hf.main, [str(s / "run" / "ckpt_0000002.pt"), str(s / "run")], [str(s / "run")]),
     "export onto a regular file": lambda s: (export_hf.main, [str(s / "run"), str(s / "text.txt")],
                                              [str(s / "text.txt"), "not a directory"]),
+    "export inside a regular file": lambda s: (export_hf.main, [str(s / "run"), str(s / "text.txt" / "hf")],
+                                               ["OUT_DIR", str(s / "text.txt"), "not a directory"]),
     "export over a Hugging Face dir it did not write": lambda s: (
         export_hf.main, [str(s / "run"), str(_foreign_hf_dir(s))], [str(s / "hf"), export_hf.EXPORT_MARKER]),
     "export over an earlier export holding another file": lambda s: (
@@ -254,6 +264,12 @@ CASES: dict[str, Case] = {
     # plot
     "metrics.jsonl with no parsable line": lambda s: (
         plot.main, [str(_torn_metrics(s)), "--out", str(s / "loss.png")], [str(s / "torn" / "metrics.jsonl")]),
+    "metrics.jsonl line nested 200,000 deep": lambda s: (
+        plot.main, [str(_hostile_metrics(s, "[" * 200_000)), "--out", str(s / "loss.png")],
+        [f"{s / 'hostile' / 'metrics.jsonl'}:2", "nested"]),
+    "metrics.jsonl number of 401 digits": lambda s: (
+        plot.main, [str(_hostile_metrics(s, '{"step": 2, "val_loss": 1' + "0" * 400 + "}")), "--out",
+                    str(s / "loss.png")], [f"{s / 'hostile' / 'metrics.jsonl'}:2", "digits"]),
     # fineweb
     "fineweb zero-byte .txt": lambda s: (fineweb.main, _fineweb_args(s, "empty.txt", b""), [str(s / "empty.txt")]),
     "fineweb documents with no text": lambda s: (
@@ -261,6 +277,14 @@ CASES: dict[str, Case] = {
     "fineweb text column of numbers": lambda s: (
         fineweb.main, _fineweb_args(s, "numbers.jsonl", b'{"text": 5}\n{"text": 7}\n'),
         [str(s / "numbers.jsonl"), "'text'", "--text_column"]),
+    "fineweb malformed jsonl line": lambda s: (
+        fineweb.main, _fineweb_args(s, "docs.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c\n{"text": "d"}\n'),
+        [f"{s / 'docs.jsonl'}:3", "not valid JSON"]),
+    "fineweb empty jsonl": lambda s: (fineweb.main, _fineweb_args(s, "empty.jsonl", b""),
+                                      [str(s / "empty.jsonl"), "no JSON lines"]),
+    "fineweb --prefix ../escaped": lambda s: (
+        fineweb.main, _fineweb_args(s, "doc.txt", b"some text") + ["--prefix", "../escaped"],
+        ["--prefix '../escaped'", "--out_dir"]),
     "fineweb --out_dir is a regular file": lambda s: (
         fineweb.main, _fineweb_args(s, "doc.txt", b"some text", out=s / "text.txt"),
         [str(s / "text.txt"), "--out_dir"]),
@@ -326,6 +350,34 @@ def _torn_metrics(s: Path) -> Path:
     (s / "torn").mkdir()
     (s / "torn" / "metrics.jsonl").write_text('{"step": 1, "train_lo\n{"step": 2, "ti\n')
     return s / "torn"
+
+
+def _hostile_line(s: Path, name: str, line: str) -> Path:
+    good = '{"ind": 0, "ctx": "He", "label": 1, "activity_label": "Roofing", "endings": ["a", "b", "c", "d"]}'
+    (s / name).write_text(good + "\n" + line + "\n" + good + "\n")
+    return s / name
+
+
+def _endless(s: Path) -> Path:
+    """A 'file' with no line break and no end: /dev/zero, linked in as a named file."""
+    os.symlink("/dev/zero", s / "endless")
+    return s / "endless"
+
+
+def _hostile_metrics(s: Path, line: str) -> Path:
+    (s / "hostile").mkdir()
+    (s / "hostile" / "metrics.jsonl").write_text('{"step": 1, "val_loss": 3.5}\n' + line + "\n")
+    return s / "hostile"
+
+
+def test_train_hellaswag_jsonl_nested_deep_is_one_error(tmp_path):
+    """The trainer reads --hellaswag_jsonl through the same bounded reader: a ValueError naming the line."""
+    path = _hostile_line(tmp_path, "hs.jsonl", "[" * 200_000)
+    cfg = config.parse_config(TINY + ["--data", "gpt2-text", "--text_path", "unused.txt", "--out_dir", "unused",
+                                      "--hellaswag_jsonl", str(path)])
+    with pytest.raises(ValueError) as e:
+        train_gpt2.hellaswag_examples(cfg, get_tokenizer("gpt2"))
+    assert f"{path}:2" in str(e.value) and "nested" in str(e.value) and "\n" not in str(e.value)
 
 
 def _fineweb_args(s: Path, name: str, content: bytes, out: Path | None = None) -> list[str]:
@@ -405,6 +457,63 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_lost(case, scratch, cap
     assert sorted(after) == sorted(before), "files appeared or vanished"
     changed = [name for name in before if before[name] != after[name]]
     assert changed == [], f"modified: {changed}"
+
+
+def test_tiny_text_path_names_a_fix_that_exists(scratch, capsys):
+    """A text too short for one batch: the advice is a --block_size or --batch_size that fits, or more text, never
+    "--block_size (at most 0)"."""
+    (scratch / "tiny.txt").write_text("ROMEO: to be or not\n")
+    for extra, needle in ((), "--block_size 8 or less"), (("--block_size", "4"), "give it more text"):
+        msg = error_line(train_gpt2.main, train_args(scratch, "--text_path", str(scratch / "tiny.txt"), "--out_dir",
+                                                     str(scratch / "new"), *extra), capsys)
+        assert str(scratch / "tiny.txt") in msg and needle in msg and "at most 0" not in msg, msg
+    assert not (scratch / "new").exists()
+
+
+def test_export_to_the_current_directory_is_refused_naming_it(scratch, monkeypatch, capsys):
+    """`export_hf.py CKPT .` would rename over the shell's working directory: refused up front, naming OUT_DIR."""
+    (scratch / "empty").mkdir()
+    monkeypatch.chdir(scratch / "empty")
+    msg = error_line(export_hf.main, ["--no_verify", str(scratch / "run"), "."], capsys)
+    assert msg.startswith("error: OUT_DIR . is the current directory") and ".tmp" not in msg, msg
+    assert list((scratch / "empty").iterdir()) == [] and list(scratch.glob(".*")) == []
+
+
+def test_export_checks_out_dir_before_loading_the_checkpoint(scratch, monkeypatch, capsys):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before OUT_DIR was checked")
+
+    monkeypatch.setattr(export_hf, "load_checkpoint", not_reached)
+    msg = error_line(export_hf.main, ["--no_verify", str(scratch / "run"), str(scratch / "text.txt" / "hf")], capsys)
+    assert "OUT_DIR" in msg and str(scratch / "text.txt") in msg, msg
+
+
+def test_inductor_cache_dir_that_is_a_file_is_named(tmp_path, monkeypatch):
+    from gpt2repro.devices import compile_cached
+
+    (tmp_path / "cache").write_text("a file")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as e:
+        compile_cached(torch.nn.Linear(2, 2))
+    assert str(e.value).startswith(f"TORCHINDUCTOR_CACHE_DIR {tmp_path / 'cache'} is a file"), e.value
+
+
+def test_hellaswag_to_a_full_stdout_names_stdout(finished_run, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    good = '{"ind": 0, "ctx": "He", "label": 1, "activity_label": "Roofing", "endings": ["a", "b", "c", "d"]}'
+    (tmp_path / "hs.jsonl").write_text(good + "\n")
+    ckpt = tmp_path / "gpt.pt"
+    tok = get_tokenizer("gpt2")
+    save_checkpoint(model_checkpoint_fields(GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1,
+                                                          n_head=2, n_embd=16)), tok), ckpt)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "--model", str(ckpt), "--jsonl",
+                               str(tmp_path / "hs.jsonl"), "--device", "cpu"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error")]
+    assert proc.returncode == 1 and len(lines) == 1 and "stdout" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
 
 
 def test_world_size_not_dividing_the_total_batch():

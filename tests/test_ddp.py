@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 import train_gpt2
 from gpt2repro.checkpoint import load_checkpoint
-from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def assert_same_weights(a: Path, b: Path, tol: float = 1e-5) -> None:
                                      ("--pos", "rope", "--optimizer", "muon")], ids=["gpt2-adamw", "rope-muon"])
 def test_two_ranks_equal_one_process(tmp_path, options):
     text = tmp_path / "small.txt"
-    text.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:30000])
+    text.write_text(shakespeare().read_text()[:30000])
     # total batch 512 = 2 ranks x 2 micro-steps x 4 x 32 = 1 process x 4 micro-steps x 4 x 32
     args = ["--preset", "shakespeare-char", "--text_path", str(text), "--n_layer", "2", "--n_head", "2",
             "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--total_batch_size", "512",

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 import train_gpt2
 from gpt2repro.devices import FP8_MIN_WIDTH, convert_to_fp8, fp8_layers, fp8_unsupported, use_compile_cache
 from model import GPT, GPTConfig
-from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fp8_is_refused_on_cpu_in_one_line_before_anything_is_written(tmp_path):
     text = tmp_path / "small.txt"
-    text.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:5000])
+    text.write_text(shakespeare().read_text()[:5000])
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train_gpt2.main(["--preset", "shakespeare-char", "--text_path", str(text), "--out_dir", str(out),

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from conftest import shakespeare
 
 import export_hf
 from gpt2repro.checkpoint import load_model, model_checkpoint_fields, save_checkpoint
@@ -94,8 +95,7 @@ def test_pipeline_generates_our_greedy_tokens(gpt2_export):
 
 
 def test_char_checkpoint_exports_model_and_says_tokenizer_is_ours(tmp_path, capsys):
-    text = (open("input.txt", encoding="utf-8").read()[:5000] if os.path.exists("input.txt")
-            else "hello world, to be or not to be\n")
+    text = shakespeare().read_text(encoding="utf-8")[:5000]
     tok = get_tokenizer("char", text=text)
     model = random_gpt(tok.vocab_size, seed=3)
     ckpt = write_ckpt(tmp_path / "ckpt_0000001.pt", model, tok)

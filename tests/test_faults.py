@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from gpt2repro.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from prepare import ensure_shakespeare
 
 train_gpt2 = pytest.importorskip("train_gpt2")
 
@@ -53,7 +53,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:20000])
+    path.write_text(shakespeare().read_text()[:20000])
     return path
 
 

@@ -1,5 +1,6 @@
 """fineweb.py: shards equal an independent tokenization, resume after a kill, --verify, full disk, the loader."""
 
+import contextlib
 import errno
 import io
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import shakespeare
 
 import fineweb
 from gpt2repro.tokenizer import gpt2_encoding, gpt2_ranks_path
@@ -27,9 +29,7 @@ SHARD = 20_000  # tokens per shard in these tests: ~30 shards from the corpus be
 
 def make_documents(n_docs: int, seed: int = 0) -> list[str]:
     """Documents of 1-12 paragraphs of tiny Shakespeare, plus the awkward cases."""
-    path = ROOT / "input.txt"
-    if not path.exists():
-        pytest.skip("input.txt missing: run `python prepare.py`")
+    path = shakespeare()
     paragraphs = path.read_text().split("\n\n")
     rng = random.Random(seed)
     docs = []
@@ -175,11 +175,30 @@ def test_npy_header_is_what_numpy_writes(n, tmp_path):
     assert len(fineweb.npy_header(n)) == 128  # so a short last shard's header fits in place of a full one's
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the tokenizer processes through /proc")
 def test_killed_run_resumes_to_identical_shards(corpus, finished, tmp_path):
     out = tmp_path / "shards"
     cmd = [sys.executable, str(ROOT / "fineweb.py")] + parquet_args(corpus, out) + ["--num_proc", "2"]
-    proc = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    log = open(tmp_path / "stderr.txt", "wb")  # a file, not a pipe: processes left behind would hold a pipe open
+    proc = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -187,9 +206,19 @@ def test_killed_run_resumes_to_identical_shards(corpus, finished, tmp_path):
             if m.exists() and json.loads(m.read_text())["shards"]:
                 break
             time.sleep(0.005)
+        children = child_pids(proc.pid)  # 2 tokenizer processes and multiprocessing's resource tracker
+        os.kill(proc.pid, signal.SIGKILL)  # the run alone, mid-shard, as the OOM killer or `kill -9` does it
+        proc.wait()
+        log.close()
+        err = (tmp_path / "stderr.txt").read_bytes()
+        gone = time.monotonic() + 30
+        while time.monotonic() < gone and any(alive(c) for c in children):
+            time.sleep(0.1)
+        left = [c for c in children if alive(c)]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its tokenizer processes, mid-shard
-        _, err = proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert len(children) >= 2 and not left, f"still running after the run was killed: {left} of {children}"
     killed = json.loads((out / "manifest.json").read_text())
     assert not killed["complete"], f"the run ended before it could be killed: {err.decode()[-500:]}"
     assert 1 <= len(killed["shards"]) < len(json.loads((finished / "manifest.json").read_text())["shards"])
@@ -465,3 +494,24 @@ def test_damaged_gpt2_ranks_file_is_a_one_line_error(tmp_path, monkeypatch):
         gpt2_encoding.cache_clear()  # later tests rebuild the encoding from the real file
     msg = str(e.value.code)
     assert msg.startswith(f"error: {ranks}: ") and "python prepare.py" in msg and "\n" not in msg, msg
+
+
+def test_file_edited_with_its_size_and_mtime_kept_is_read_anew(tmp_path):
+    """`cp -p`, `rsync -a` and `tar x` keep size and mtime: the shards must hold the new text, not `datasets`'
+    cached copy of the old one, and --verify must agree with the manifest's sha256 of the new file."""
+    src = tmp_path / "docs.jsonl"
+    old_docs, new_docs = ["the cat sat on the mat", "a dog"], ["THE DOG SAT ON THE RUG", "a cat"]
+    assert [len(d) for d in old_docs] == [len(d) for d in new_docs]
+
+    def run(docs: list[str], out: Path) -> np.ndarray:
+        mtime = 1_700_000_000
+        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        os.utime(src, (mtime, mtime))
+        fineweb.main(["--data_files", str(src), "--out_dir", str(out), "--num_proc", "1"])
+        fineweb.main(["--verify", "--out_dir", str(out)])
+        return np.load(out / "edufineweb_val_000000.npy")
+
+    assert np.array_equal(run(old_docs, tmp_path / "old"), reference_tokens(old_docs))
+    size = src.stat().st_size
+    assert np.array_equal(run(new_docs, tmp_path / "new"), reference_tokens(new_docs))
+    assert src.stat().st_size == size

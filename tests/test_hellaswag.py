@@ -480,13 +480,33 @@ def test_cli_failed_predictions_write_is_one_line_after_the_scores(tmp_path, mod
     def disk_full(path, data):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(hellaswag, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(hellaswag, "atomic_create_bytes", disk_full)
     preds = tmp_path / "preds.jsonl"
     with pytest.raises(SystemExit) as e:
         hellaswag.main(["--model", str(ckpt), "--jsonl", write_jsonl(tmp_path / "hs.jsonl", examples), "--limit", "2",
                         "--device", "cpu", "--predictions", str(preds)])
     assert str(e.value).startswith(f"error: {preds}: No space left on device; free disk space")
     assert "acc_norm" in capsys.readouterr().out
+
+
+def test_predictions_file_made_while_scoring_is_kept(tmp_path, model, examples, monkeypatch, capsys):
+    """--predictions is checked before scoring; a file that appears there meanwhile (another run) is not replaced."""
+    ckpt = tmp_path / "ckpt_0000010.pt"
+    save_checkpoint(model_checkpoint_fields(model, get_tokenizer("gpt2")), ckpt)
+    preds = tmp_path / "preds.jsonl"
+    evaluate = hellaswag.evaluate
+
+    def another_run_writes_meanwhile(*args, **kwargs):
+        preds.write_text("another run's predictions\n")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "evaluate", another_run_writes_meanwhile)
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["--model", str(ckpt), "--jsonl", write_jsonl(tmp_path / "hs.jsonl", examples), "--limit", "2",
+                        "--device", "cpu", "--predictions", str(preds)])
+    assert str(e.value).startswith(f"error: {preds}: appeared while this ran, and is kept"), e.value
+    assert preds.read_text() == "another run's predictions\n" and "acc_norm" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 def test_cli_damaged_gpt2_ranks_file_is_one_line(tmp_path, cli_checkpoint, monkeypatch):

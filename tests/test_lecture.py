@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shakespeare
 
 import train_gpt2
 from gpt2repro import config
@@ -14,9 +15,6 @@ from gpt2repro.checkpoint import load_checkpoint, load_model
 from gpt2repro.tokenizer import get_tokenizer
 from lecture import Block, FeedForward, Head, LectureConfig, LectureLanguageModel, MultiHeadAttention
 from model import BigramLanguageModel, CausalSelfAttention, GPTConfig
-from prepare import ensure_shakespeare
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def naive_head(x: torch.Tensor, head: Head) -> torch.Tensor:
@@ -151,7 +149,7 @@ LECTURE_PRESETS = [name for name in config.PRESETS if name.startswith("lecture-"
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:20000])
+    path.write_text(shakespeare().read_text()[:20000])
     return path
 
 

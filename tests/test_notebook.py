@@ -10,9 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import nbformat
 import pytest
+from conftest import shakespeare
 from nbclient import NotebookClient
-
-from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "play.ipynb"
@@ -24,7 +23,7 @@ def run_dir(tmp_path_factory) -> Path:
     """6 steps of the char-level preset, shrunk, with val loss at steps 0, 3 and 6 and a checkpoint at 6."""
     tmp = tmp_path_factory.mktemp("nb")
     text = tmp / "small.txt"
-    text.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:30000])
+    text.write_text(shakespeare().read_text()[:30000])
     out = tmp / "run"
     cmd = [sys.executable, "train_gpt2.py", "--preset", "shakespeare-char", "--text_path", str(text),
            "--out_dir", str(out), "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -121,7 +120,7 @@ def test_lecture_notebook_runs_its_checks_and_trains_the_stages(tmp_path):
     """Every cell runs (its asserts: the four attention versions agree, the scaling's variances, the bigram's
     initial loss); each stage trains 3 steps on a small text through its preset and prints a val loss."""
     text = tmp_path / "small.txt"
-    text.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:30000])
+    text.write_text(shakespeare().read_text()[:30000])
     stages = ["lecture-bigram", "lecture-heads", "lecture-dropout"]
     params = dict(TEXT_PATH=str(text), STAGES=stages, MAX_STEPS=3, EVAL_ITERS=2, OUT_DIR=str(tmp_path / "out"),
                   DEVICE="cpu", SEED=7)

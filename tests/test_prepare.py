@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import shakespeare as tests_copy
 
 import prepare
 from gpt2repro.fileio import sha256_of
@@ -12,10 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def shakespeare(monkeypatch):
-    """The repository's verified input.txt as the $TINYSHAKESPEARE copy; no download is ever tried."""
-    source = ROOT / "input.txt"
-    if not source.is_file() or sha256_of(source) != prepare.SHAKESPEARE_SHA256:
-        pytest.skip("input.txt is not tiny Shakespeare here: run `python prepare.py`")
+    """The tests' verified copy as the $TINYSHAKESPEARE copy; no download is ever tried."""
+    source = tests_copy()
     monkeypatch.setenv("TINYSHAKESPEARE", str(source))
     monkeypatch.setattr(prepare, "_download", lambda url, timeout=15.0: None)
     return source
@@ -48,3 +47,25 @@ def test_help_prints_the_docstring_and_does_nothing(monkeypatch, capsys):
         prepare.main(["--help"])
     assert e.value.code == 0
     assert "Put the offline assets in place" in capsys.readouterr().out
+
+
+def test_tests_use_their_own_copy_not_the_users_input_txt(tmp_path, monkeypatch):
+    """A user's own input.txt (kept by set-up, trained on by default) is never what the tests read as Shakespeare."""
+    import conftest
+
+    verified = tests_copy()
+    (tmp_path / "input.txt").write_text("my own corpus\n")
+    monkeypatch.setattr(conftest, "ROOT", tmp_path)
+    monkeypatch.setattr(conftest, "TEST_DATA", tmp_path / "tests" / ".data")
+    monkeypatch.setenv("TINYSHAKESPEARE", str(verified))
+    monkeypatch.setattr(prepare, "_download", lambda url, timeout=15.0: None)
+    conftest.shakespeare.cache_clear()
+    try:
+        copy = conftest.shakespeare()
+    finally:
+        conftest.shakespeare.cache_clear()
+    assert copy.parent == tmp_path / "tests" / ".data" and sha256_of(copy) == prepare.SHAKESPEARE_SHA256
+    assert (tmp_path / "input.txt").read_text() == "my own corpus\n"
+    needles = ("ROOT / " + '"input.txt"', "open(" + '"input.txt"')  # split, so that this file does not match
+    readers = [p.name for p in (ROOT / "tests").glob("test_*.py") if any(n in p.read_text() for n in needles)]
+    assert readers == [], f"tests reading the repository's input.txt: {readers}"

@@ -7,10 +7,14 @@ Each defect is reproduced with real processes or real files; every case checks t
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import zipfile
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ import torch
 import train_gpt2
 from gpt2repro.checkpoint import (
     CheckpointError,
+    UnreadableCheckpoint,
     list_checkpoints,
     load_checkpoint,
     model_checkpoint_fields,
@@ -28,6 +33,7 @@ from gpt2repro.checkpoint import (
 from gpt2repro.config import BOUNDS, TrainConfig
 from gpt2repro.errors import one_line_errors
 from gpt2repro.fileio import atomic_write_bytes
+from gpt2repro.rundir import lock_holder
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -82,13 +88,49 @@ def test_second_trainer_on_the_same_out_dir_is_refused(text, tmp_path):
                                  "--seed", "2", "--resume", "auto")], cwd=ROOT, capture_output=True, text=True)
         assert second.returncode != 0
         last = second.stderr.strip().splitlines()[-1]
-        assert f"in use by another trainer (pid {first.pid})" in last, second.stderr
+        assert f"in use by another trainer or export (pid {first.pid})" in last, second.stderr
         assert "Traceback" not in second.stderr
         assert all(snapshot(out).get(k) == v for k, v in before.items() if k != "metrics.jsonl")
     finally:
         first.kill()  # SIGKILL: the lock must go with the process
         first.wait()
     train_gpt2.main(args(text, out, "--max_steps", "2", "--resume", "auto"))  # the dead run blocks nothing
+
+
+def test_export_refuses_the_empty_run_dir_of_a_trainer_still_setting_up(tmp_path, capsys):
+    """A trainer holds its lock on the new, empty --out_dir while it reads a large --text_path: export_hf.py must
+    not rename over it (the trainer would write beside the export, its lock on a deleted directory)."""
+    import transformers  # noqa: F401 - imported before the race, as a warm export process has it
+
+    import export_hf
+
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * 9000)  # 44 MB: seconds of set-up before the trainer writes anything
+    ckpt = tmp_path / "weights.pt"
+    tok = get_tokenizer("char", text=TEXT)
+    save_checkpoint(model_checkpoint_fields(GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1,
+                                                          n_head=2, n_embd=16)), tok), ckpt)
+    out = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, str(ROOT / "train_gpt2.py"), *args(big, out, "--max_steps", "100000",
+                                "--ckpt_interval", "0", "--eval_interval", "100000", "--num_samples", "0")],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out.is_dir() and lock_holder(out.stat().st_ino) == str(trainer.pid)) and time.time() < deadline:
+            assert trainer.poll() is None, trainer.stderr.read()
+            time.sleep(0.01)
+        inode = out.stat().st_ino
+        with pytest.raises(SystemExit) as e:
+            export_hf.main(["--no_verify", str(ckpt), str(out)])
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and str(out) in msg and f"pid {trainer.pid}" in msg, msg
+        assert out.stat().st_ino == inode and not (out / export_hf.EXPORT_MARKER).exists()
+        second = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *args(big, out, "--max_steps", "4",
+                                 "--resume", "auto")], cwd=ROOT, capture_output=True, text=True)
+        assert f"(pid {trainer.pid})" in second.stderr.strip().splitlines()[-1], second.stderr
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -139,6 +181,81 @@ def test_resume_auto_on_a_model_only_checkpoint_is_the_same_error_as_resume_path
     path = one_line_error(args(text, out, "--max_steps", "12", "--resume", str(out / "ckpt_0000009.pt")))
     assert auto == path
     assert snapshot(tmp_path) == before
+
+
+def flips_near_the_end(data: bytes, n: int, seed: int = 0) -> list[bytes]:
+    """`n` copies of `data`, each with one random bit of its last 3 KB (the zip directory) flipped; seeded."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        b = bytearray(data)
+        b[len(b) - 1 - rng.randrange(min(3000, len(b)))] ^= 1 << rng.randrange(8)
+        out.append(bytes(b))
+    return out
+
+
+def zip_reader_error(path: Path) -> BaseException | None:
+    """What Python's zipfile raises reading `path` through (None when it reads): the errors that escaped before."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.testzip()
+    except Exception as e:  # noqa: BLE001 - any of them
+        return e
+    return None
+
+
+def test_random_bit_flips_in_the_zip_directory_are_unreadable_or_intact(tmp_path):
+    """Every flip either loads the very same weights or is an UnreadableCheckpoint naming the file: never
+    NotImplementedError ("compression method", "zip file version"), zlib.error or RuntimeError ("encrypted")."""
+    tok = get_tokenizer("char", text=TEXT)
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    good = save_checkpoint({**model_checkpoint_fields(model, tok), "step": 1}, tmp_path / "good.pt")
+    want = load_checkpoint(good)["model"]
+    kinds = Counter()
+    for i, data in enumerate(flips_near_the_end(good.read_bytes(), 800)):
+        path = tmp_path / f"flip{i}.pt"
+        path.write_bytes(data)
+        kinds[type(zip_reader_error(path)).__name__] += 1
+        try:
+            got = load_checkpoint(path)["model"]
+        except UnreadableCheckpoint as e:
+            assert str(path) in str(e) and "\n" not in str(e), str(e)
+        else:
+            assert all(torch.equal(want[k], got[k]) for k in want)
+        path.unlink()
+    assert kinds["NotImplementedError"] + kinds["error"] + kinds["RuntimeError"] > 0, kinds  # the cases at stake
+
+
+def damaged_directory(path: Path) -> bytes:
+    """`path`'s bytes with the first seeded flip that makes zipfile raise what a corrupt-zip check missed."""
+    probe = path.with_name("probe.pt")
+    for data in flips_near_the_end(path.read_bytes(), 3000, seed=1):
+        probe.write_bytes(data)
+        if isinstance(zip_reader_error(probe), (NotImplementedError, RuntimeError, zlib.error)):
+            probe.unlink()
+            return data
+    raise AssertionError("no flip found")
+
+
+def test_resume_auto_sets_aside_a_checkpoint_with_a_damaged_zip_directory(text, tmp_path, capsys):
+    """--resume auto goes on from the previous checkpoint; sample.py and export_hf.py name the file in one line."""
+    import export_hf
+    import sample
+
+    out = tmp_path / "run"
+    train_gpt2.main(args(text, out, "--max_steps", "4"))
+    newest = list_checkpoints(out)[-1]
+    newest.write_bytes(damaged_directory(newest))
+    for main, argv in ((sample.main, ["--init", str(newest), "--device", "cpu", "--max_new_tokens", "2"]),
+                       (export_hf.main, ["--no_verify", str(newest), str(tmp_path / "hf")])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and str(newest) in msg and "\n" not in msg, msg
+    capsys.readouterr()
+    train_gpt2.main(args(text, out, "--max_steps", "6", "--resume", "auto"))
+    printed = capsys.readouterr().out
+    assert "at step 2" in printed and newest.name in printed, printed
+    assert (out / (newest.name + ".unreadable")).exists() and list_checkpoints(out)[-1].name == "ckpt_0000006.pt"
 
 
 def test_implausible_model_config_is_refused_before_allocating(tmp_path):

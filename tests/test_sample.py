@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from gpt2repro.checkpoint import from_checkpoint, load_pretrained, model_checkpoint_fields, save_checkpoint
 from gpt2repro.tokenizer import get_tokenizer
@@ -92,8 +93,7 @@ def test_stream_text_decodes_each_token_once():
     """Linear time, counted rather than timed: decoding n tokens looks at O(n) ids, not the O(n^2) of re-decoding
     the whole text at every token."""
     tok = get_tokenizer("gpt2")
-    ids = tok.encode(open(ROOT / "input.txt", encoding="utf-8").read()[:20_000]) if (ROOT / "input.txt").exists() else \
-        tok.encode("naïve café 日本語 🙂 " * 500)
+    ids = tok.encode(shakespeare().read_text(encoding="utf-8")[:20_000])
     for n in (500, 2000):
         counting = CountingTokenizer(tok)
         assert "".join(stream_text(counting, iter(ids[:n]))) == tok.decode(ids[:n])
@@ -297,3 +297,37 @@ def test_addition_run_refuses_the_sampling_flags_it_would_ignore(tmp_path, flags
 def test_batch_size_without_prompt_file_is_refused(char_ckpt, value):
     with pytest.raises(SystemExit, match="^error: --batch_size only sets .* --prompt_file"):
         main(["--init", str(char_ckpt), "--prompt", "abc", "--batch_size", value, "--device", "cpu"])
+
+
+def test_addition_prompt_file_gives_one_answer_per_line(tmp_path, capsys):
+    """Lines are split at \\n only: a form feed, U+2028 or \\x85 inside or ending a line is no line break, so output
+    line i answers input line i, and a line holding two problems is refused by its own number."""
+    from gpt2repro.tokenizer import AdditionTokenizer
+
+    tok = AdditionTokenizer(2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=tok.seq_len - 1, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(model_checkpoint_fields(model, tok), tmp_path / "c.pt")
+    lines = ["12+34=", "5+6=\u2028", "7+8=\x85", "9+10=\x0c", "11+1=\x1e", "3+4=\r"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+    main(["--init", str(tmp_path / "c.pt"), "--prompt_file", str(tmp_path / "p.txt"), "--device", "cpu"])
+    assert len(capsys.readouterr().out.splitlines()) == len(lines)
+    (tmp_path / "p.txt").write_text("12+34=\n1+2=\x0b3+4=\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["--init", str(tmp_path / "c.pt"), "--prompt_file", str(tmp_path / "p.txt"), "--device", "cpu"])
+    assert str(e.value.code).startswith(f"error: --prompt_file {tmp_path / 'p.txt'} line 2: "), e.value.code
+
+
+@pytest.mark.parametrize("flags", [["--prompt_file", "/dev/zero"], ["--prompt", "ab"]])
+def test_endless_prompt_file_and_full_stdout_are_one_line(char_ckpt, flags):
+    """`--prompt_file /dev/zero` is refused by size (not read until memory runs out); a print to a full stdout
+    (`> /dev/full`) is one line naming stdout, not a traceback."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--init", str(char_ckpt), "--device", "cpu",
+                               "--max_new_tokens", "4", *flags], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert ("/dev/zero" in lines[0] and "bytes" in lines[0]) if "/dev/zero" in flags else "stdout" in lines[0], lines

@@ -4,6 +4,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import shakespeare
 
 from gpt2repro.tokenizer import CharTokenizer, get_tokenizer, gpt2_ranks_path, tokenizer_from_dict
 
@@ -32,7 +33,7 @@ def test_gpt2_known_ids_without_network(no_network):
 
 
 def test_gpt2_tokenizer_roundtrips_shakespeare():
-    text = (ROOT / "input.txt").read_text()[:50_000]
+    text = shakespeare().read_text()[:50_000]
     tok = get_tokenizer("gpt2")
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -40,7 +41,7 @@ def test_gpt2_tokenizer_roundtrips_shakespeare():
 
 
 def test_char_tokenizer_roundtrips_input_txt():
-    text = (ROOT / "input.txt").read_text()
+    text = shakespeare().read_text()
     tok = get_tokenizer("char", text=text)
     assert tok.vocab_size == 65
     assert tok.decode(tok.encode(text)) == text

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 import train_gpt2
 from gpt2repro import autobatch, config
@@ -21,7 +22,6 @@ from gpt2repro.build import build_model
 from gpt2repro.checkpoint import list_checkpoints, load_checkpoint, load_model
 from gpt2repro.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from prepare import ensure_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "shakespeare-char", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -33,7 +33,7 @@ TINY = ["--preset", "shakespeare-char", "--n_layer", "2", "--n_head", "2", "--n_
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:30000])
+    path.write_text(shakespeare().read_text()[:30000])
     return path
 
 
@@ -112,7 +112,7 @@ def test_every_preset_parses_and_builds_its_model(preset):
         assert preset == "finetune-shakespeare" and cfg.init == "gpt2"
         return
     kind = {"char": "char", "addition": "addition"}.get(cfg.data, "gpt2")
-    tokenizer = get_tokenizer(kind, text=ensure_shakespeare(ROOT / "input.txt").read_text()[:5000],
+    tokenizer = get_tokenizer(kind, text=shakespeare().read_text()[:5000],
                               digits=cfg.digits, ops=cfg.ops)
     with torch.device("meta"):  # shapes only: the 1558M preset allocates nothing
         model = build_model(cfg, tokenizer)
