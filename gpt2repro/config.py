@@ -225,8 +225,8 @@ LECTURE_PRESETS = {
                                   n_layer=6, block_size=256, batch_size=64, total_batch_size=16384, max_lr=3e-4,
                                   min_lr=3e-4),
     # NOT the lecture's recipe: lecture-gpt's shape and context with this project's own options (rotary positions,
-    # Muon for the blocks' matrices, bf16, compile, warmup and cosine decay, no dropout) for the lecture's val loss
-    # 1.48 in minutes on a CPU (docs/lecture.md); evaluated once at the end on the whole val split
+    # Muon for the blocks' matrices, bf16, compile, warmup and cosine decay, no dropout) aimed at the lecture's val
+    # loss 1.48 in minutes on a CPU (its status: docs/lecture.md); evaluated once at the end on the whole val split
     "lecture-fast": SHAKESPEARE | dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, total_batch_size=8192, pos="rope",
         optimizer="muon", muon_lr=0.02, max_lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=270, weight_decay=0.1,
