@@ -483,5 +483,3 @@ class BigramLanguageModel(LanguageModel):
     def flops_per_token(self, seq_len: int | None = None) -> float:
         return 6.0 * self.config.vocab_size  # one row lookup, a softmax over V: nominal
 
-
-MODEL_TYPES = {"gpt": GPT, "bigram": BigramLanguageModel}

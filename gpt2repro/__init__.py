@@ -2,7 +2,8 @@
 
 | module | what it owns |
 |---|---|
-| `config` | `TrainConfig` (defaults = GPT-2 124M; model flags = GPTConfig's fields), presets, command line, ranges |
+| `config` | `TrainConfig` (defaults = GPT-2 124M; model flags = model configs' fields), presets, command line, ranges |
+| `models` | the model types by name (`gpt`, `bigram`, `lecture`), each with its config class |
 | `build` | a run's parts from its config: tokenizer and loaders, model, optimizer, the compiled, DDP or FSDP module |
 | `resume` | which checkpoint to resume, `--out_dir` rules, data and model restored (or built), training state |
 | `stopping` | SIGINT/SIGTERM: a checkpoint at the next step boundary, then exit |

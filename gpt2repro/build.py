@@ -18,9 +18,10 @@ from gpt2repro.config import ConfigError, TrainConfig
 from gpt2repro.data import ShardedTokenLoader, TokenLoader, split_tokens
 from gpt2repro.devices import Dist, compile_cached, compile_unsupported, convert_to_fp8, use_compile_cache
 from gpt2repro.fileio import read_limited
+from gpt2repro.models import MODEL_TYPES, ModelConfig
 from gpt2repro.sharding import ensure_process_group, shard_model
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, gpt2_encoding
-from model import MODEL_TYPES, GPTConfig, LanguageModel
+from model import LanguageModel
 
 
 def seed_everything(seed: int, device: str) -> None:
@@ -85,7 +86,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: str | None = Non
     """A fresh model from the config's fields (refused when it cannot be trained on `device`, if given), or the
     `--init` model (whose tokenizer must match the data's)."""
     if not cfg.init:
-        config = cfg.gpt_config(tokenizer.vocab_size)
+        config = cfg.model_config(tokenizer.vocab_size)
         if config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"--vocab_size {config.vocab_size} is below the tokenizer's {tokenizer.vocab_size}; "
                               "raise it")
@@ -99,11 +100,13 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: str | None = Non
     return model
 
 
-def min_parameters(config: GPTConfig, model_type: str) -> int:
+def min_parameters(config: ModelConfig, model_type: str) -> int:
     """A lower bound on the model's parameter count: its matrices and embeddings, not counting biases and gains."""
     n, V = config.n_embd, config.vocab_size
     if model_type == "bigram":
         return V * V
+    if model_type == "lecture":  # at least the queries, keys and values; an untied head and learned positions
+        return 3 * config.n_layer * n * n + 2 * V * n + config.block_size * n
     embeddings = V * n * (1 if config.tie_embeddings else 2)
     positions = config.block_size * n if config.pos == "learned" else 0
     return 12 * config.n_layer * n * n + embeddings + positions
@@ -124,7 +127,7 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def check_fits(config: GPTConfig, model_type: str, device: str) -> None:
+def check_fits(config: ModelConfig, model_type: str, device: str) -> None:
     """Refuse, before allocating anything, a model whose weights, gradients and one optimizer state (fp32, 12 bytes
     per parameter, a lower bound on training's needs) exceed the memory free on the device, or whose weights alone
     exceed the host's (the model is built there)."""

@@ -25,8 +25,9 @@ import torch
 from gpt2repro.errors import first_line
 from gpt2repro.fileio import MAX_JSON_FILE, atomic_write, parse_json, read_json, read_limited, refused_object
 from gpt2repro.gpt2_sizes import HF_MODELS
+from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES, ModelConfig
 from gpt2repro.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
-from model import GPT, MODEL_TYPES, GPTConfig, LanguageModel
+from model import GPT, GPTConfig, LanguageModel
 
 if TYPE_CHECKING:  # imported where used: transformers is slow to import
     from transformers import GPT2Config
@@ -123,7 +124,7 @@ def check_model_fields(ckpt: dict, path: str | Path) -> None:
         raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors; not a model checkpoint")
     if not isinstance(ckpt["tokenizer"], dict):
         raise CheckpointError(f"{path}: its 'tokenizer' entry is not a dict; not a gpt2-repro checkpoint")
-    model_config(ckpt["model_config"], path)
+    model_config(ckpt["model_config"], path, ckpt.get("model_type", "gpt"))
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
@@ -144,11 +145,13 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 # ----------------------------------------------------------------------------- models in checkpoints
 
 
-def model_config(fields: object, source: str | Path = "checkpoint") -> GPTConfig:
-    """`GPTConfig` from a checkpoint's `model_config`, every value type- and size-checked first."""
+def model_config(fields: object, source: str | Path = "checkpoint", model_type: str = "gpt") -> ModelConfig:
+    """The config (`GPTConfig`, or `model_type`'s own) from a checkpoint's `model_config`, every value type- and
+    size-checked first."""
     if not isinstance(fields, dict):
         raise CheckpointError(f"{source}: model_config is not a dict; not a gpt2-repro checkpoint")
-    known = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    config_class = MODEL_CONFIGS[model_type]
+    known = {f.name: f for f in dataclasses.fields(config_class)}
     for k, v in fields.items():
         if k not in known:
             raise CheckpointError(f"{source}: model_config has unknown field {k!r}; written by a newer version?")
@@ -156,7 +159,7 @@ def model_config(fields: object, source: str | Path = "checkpoint") -> GPTConfig
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise CheckpointError(f"{source}: model_config {k}={v!r} is not of type {known[k].type}")
     try:
-        config = GPTConfig(**fields)
+        config = config_class(**fields)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: model_config is not valid ({e})") from None
     sizes = (config.n_layer, config.n_embd, config.n_head, config.vocab_size, config.block_size)
@@ -179,8 +182,9 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> LanguageMod
     The shapes are compared on the meta device first, so a file whose config disagrees with its own
     tensors is refused without allocating the model it claims.
     """
-    config = model_config(ckpt["model_config"], source)
-    cls = MODEL_TYPES[ckpt.get("model_type", "gpt")]
+    model_type = ckpt.get("model_type", "gpt")
+    config = model_config(ckpt["model_config"], source, model_type)
+    cls = MODEL_TYPES[model_type]
     sd = clean_keys(ckpt["model"])
     with torch.device("meta"):
         expected = cls(config).state_dict()

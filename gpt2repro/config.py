@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gpt2repro.devices import DTYPES
-from model import MODEL_TYPES, OPTIMIZERS, GPTConfig
+from gpt2repro.models import MODEL_CONFIGS, MODEL_TYPES, ModelConfig
+from model import OPTIMIZERS
 
 FINEWEB_DIR = "edu_fineweb10B"
 DATA_KINDS = ("shards", "char", "gpt2-text", "addition")
@@ -37,16 +38,29 @@ class DataFields:
     shuffle: bool = True  # seeded shuffling of shard, document and row order, new every epoch
     digits: int = 3  # --data addition: operands of up to this many digits
     ops: str = "+"  # --data addition: the operators, "+" or "+-"
-    # model: from scratch (GPTConfig's fields, next), or --init gpt2|HF_DIR|CHECKPOINT (then those are ignored)
+    # model: from scratch (its config's fields, next), or --init gpt2|HF_DIR|CHECKPOINT (then those are ignored)
     init: str = ""
-    model_type: str = "gpt"  # gpt | bigram
+    model_type: str = "gpt"  # gpt | bigram (GPTConfig) | lecture (lecture.py's LectureConfig: the lecture's stages)
 
 
-# Every GPTConfig field is also a flag of the same name and default (n_layer, n_head, n_embd, dropout, bias, pos, norm,
-# mlp, qk_norm, tie_embeddings, logit_softcap, zero_init), declared only in GPTConfig, except these two, TrainConfig's
-# own: block_size is also the length of the rows the data serves, and vocab_size defaults to GPT-2's vocabulary
-# padded for the matmuls, 0 meaning the tokenizer's.
+# Every field of the model types' configs is also a flag of the same name, declared only there: GPTConfig's with its
+# defaults (n_layer, n_head, n_embd, dropout, bias, pos, norm, mlp, qk_norm, tie_embeddings, logit_softcap,
+# zero_init), then LectureConfig's own switches with theirs (ffwd, residual, layernorm); a flag the --model_type
+# has no use for is refused when set. Except these two, TrainConfig's own: block_size is also the length of the
+# rows the data serves, and vocab_size defaults to GPT-2's vocabulary padded for the matmuls, 0 meaning the
+# tokenizer's.
 OWN_MODEL_FIELDS = ("block_size", "vocab_size")
+
+
+def model_fields() -> list[dataclasses.Field]:
+    """Every model config's fields but OWN_MODEL_FIELDS, each once, in order; GPTConfig's default where a field is
+    shared."""
+    found: dict[str, dataclasses.Field] = {}
+    for config_class in MODEL_CONFIGS.values():
+        for f in fields(config_class):
+            if f.name not in OWN_MODEL_FIELDS:
+                found.setdefault(f.name, f)
+    return list(found.values())
 
 
 def type_name(t: object) -> str:
@@ -56,7 +70,7 @@ def type_name(t: object) -> str:
 ModelFields = dataclasses.make_dataclass(
     "ModelFields",
     [(f.name, type_name(f.type), dataclasses.field(default=f.default, default_factory=f.default_factory))
-     for f in fields(GPTConfig) if f.name not in OWN_MODEL_FIELDS],
+     for f in model_fields()],
     bases=(DataFields,),
     frozen=True,
 )
@@ -65,7 +79,7 @@ ModelFields = dataclasses.make_dataclass(
 @dataclass(frozen=True)
 class TrainConfig(ModelFields):
     """Defaults are the GPT-2 124M reproduction on FineWeb-EDU 10B tokens (build-nanogpt's settings). The fields,
-    in order: DataFields', GPTConfig's (ModelFields), then these."""
+    in order: DataFields', the model configs' (ModelFields), then these."""
 
     vocab_size: int = 50304  # 50257 padded to a multiple of 128 for faster matmuls; 0 = the tokenizer's
     block_size: int = 1024  # T, the sequence length trained on
@@ -117,10 +131,12 @@ class TrainConfig(ModelFields):
     fp8: bool = False  # FP8 matmuls (torchao) for the blocks' linear layers >= FP8_MIN_WIDTH wide; FP8 GPUs only
     fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (FSDP2); false = DDP
 
-    def gpt_config(self, tokenizer_vocab_size: int) -> GPTConfig:
-        """The model these flags describe (vocab_size 0 = the tokenizer's); GPTConfig checks its own fields."""
-        values = {f.name: getattr(self, f.name) for f in fields(GPTConfig)}
-        return GPTConfig(**values | {"vocab_size": self.vocab_size or tokenizer_vocab_size})
+    def model_config(self, tokenizer_vocab_size: int) -> ModelConfig:
+        """The model these flags describe, in its --model_type's config class (vocab_size 0 = the tokenizer's);
+        the config checks its own fields."""
+        config_class = MODEL_CONFIGS[self.model_type]
+        values = {f.name: getattr(self, f.name) for f in fields(config_class)}
+        return config_class(**values | {"vocab_size": self.vocab_size or tokenizer_vocab_size})
 
 
 INF = math.inf
@@ -175,7 +191,7 @@ CHOICES = {"data": DATA_KINDS, "model_type": tuple(MODEL_TYPES), "dtype": DTYPE_
 #            checkpoint's format on fsdp: whole or sharded).
 RESUME_REFUSED = ("optimizer", "seed", "shuffle", "data", "val_fraction", "digits", "ops", "init", "fsdp")
 RESUME_OPTIMIZER = ("weight_decay", "beta1", "beta2", "eps", "max_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
-RESUME_MODEL = (*(f.name for f in fields(GPTConfig)), "model_type")
+RESUME_MODEL = (*(f.name for f in model_fields()), *OWN_MODEL_FIELDS, "model_type")
 RESUME_APPLIED = (
     "preset", "data_dir", "text_path", "batch_size", "total_batch_size", "max_steps", "min_lr", "warmup_steps",
     "grad_clip", "nonfinite_skips", "eval_interval", "eval_iters", "eval_only", "target_val_loss", "stop_at_target",
@@ -187,6 +203,39 @@ ON_RESUME: dict[str, str] = (dict.fromkeys(RESUME_APPLIED, "applied") | dict.fro
                              | dict.fromkeys(RESUME_REFUSED, "refused"))
 
 SHAKESPEARE = dict(data="char", vocab_size=0, shuffle=True, sample_prompt="ROMEO:", hellaswag=False)
+# Karpathy's lecture "Let's build GPT", stage by stage (docs/lecture.md): its batches, context and learning rates,
+# its optimizer as far as ours goes (AdamW at PyTorch's betas and weight decay 0.01, a constant LR, no clipping),
+# evaluation every 500 steps on 200 val batches, and 500 characters sampled from a newline at the end.
+LECTURE_RUN = SHAKESPEARE | dict(
+    block_size=8, batch_size=32, total_batch_size=256, max_steps=5000, max_lr=1e-3, min_lr=1e-3, warmup_steps=0,
+    weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=0.0, eval_interval=500, eval_iters=200,
+    sample_interval=0, num_samples=1, sample_tokens=500, sample_prompt="", log_interval=500, ckpt_interval=5000,
+    compile=False, dtype="float32",
+)
+LECTURE = LECTURE_RUN | dict(model_type="lecture", n_embd=32, n_head=4, n_layer=1)
+LECTURE_PRESETS = {
+    "lecture-bigram": LECTURE_RUN | dict(model_type="bigram", max_steps=3000, max_lr=1e-2, min_lr=1e-2,
+                                         eval_interval=300, ckpt_interval=3000),
+    "lecture-head": LECTURE | dict(n_head=1),
+    "lecture-heads": LECTURE,
+    "lecture-ffwd": LECTURE | dict(ffwd=True),
+    "lecture-blocks": LECTURE | dict(ffwd=True, n_layer=3),
+    "lecture-residual": LECTURE | dict(ffwd=True, n_layer=3, residual=True),
+    "lecture-layernorm": LECTURE | dict(ffwd=True, n_layer=3, residual=True, layernorm=True),
+    "lecture-dropout": LECTURE | dict(ffwd=True, n_layer=3, residual=True, layernorm=True, dropout=0.2),
+    "lecture-gpt": LECTURE | dict(ffwd=True, residual=True, layernorm=True, dropout=0.2, n_embd=384, n_head=6,
+                                  n_layer=6, block_size=256, batch_size=64, total_batch_size=16384, max_lr=3e-4,
+                                  min_lr=3e-4),
+    # NOT the lecture's recipe: lecture-gpt's shape and context with this project's own options (rotary positions,
+    # Muon for the blocks' matrices, bf16, compile, warmup and cosine decay, no dropout) aimed at the lecture's val
+    # loss 1.48 in minutes on a CPU (its status: docs/lecture.md); evaluated once at the end on the whole val split
+    "lecture-fast": SHAKESPEARE | dict(
+        n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, total_batch_size=8192, pos="rope",
+        optimizer="muon", muon_lr=0.02, max_lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=270, weight_decay=0.1,
+        beta2=0.99, eval_interval=270, eval_iters=13, target_val_loss=1.48, sample_interval=0, num_samples=1,
+        sample_tokens=200, sample_prompt="", log_interval=10, ckpt_interval=270, compile=True, dtype="bfloat16",
+    ),
+}
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU model (4 x 128, context 64) at batch 32 with the two large winners of `python -m bench ablate`:
     # rotary positions and Muon for the blocks' matrices, AdamW at a higher LR than nanoGPT's for the rest (relu²
@@ -205,6 +254,7 @@ PRESETS: dict[str, dict] = {
         min_lr=1e-3, warmup_steps=0, weight_decay=0.0, eval_interval=500, eval_iters=50, sample_interval=0,
         num_samples=1, sample_tokens=200, log_interval=250, ckpt_interval=1500, compile=False, dtype="float32",
     ),
+    **LECTURE_PRESETS,
     "shakespeare-gpt2": dict(
         data="gpt2-text", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=2048,
         max_steps=1000, max_lr=1e-3, min_lr=1e-4, warmup_steps=50, eval_interval=100, eval_iters=20,
@@ -356,10 +406,18 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_model_fields(cfg: TrainConfig) -> None:
-    """GPTConfig's own checks, and the heads' split of n_embd, as one line naming the flag."""
-    try:
-        cfg.gpt_config(tokenizer_vocab_size=1)
-    except ValueError as e:
-        raise ConfigError(re.sub(r"\bGPTConfig\.(\w+)", r"--\1", str(e))) from None
-    if not cfg.init and cfg.model_type == "gpt" and cfg.n_embd % cfg.n_head:
+    """The model config's own checks, the heads' split of n_embd, and no flag the --model_type has no use for, as
+    one line naming the flag."""
+    if cfg.init:  # the model comes from --init; these fields are documented as ignored
+        return
+    if cfg.model_type in ("gpt", "lecture") and cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    try:
+        cfg.model_config(tokenizer_vocab_size=1)
+    except ValueError as e:
+        raise ConfigError(re.sub(r"\b(?:GPTConfig|LectureConfig)\.(\w+)", r"--\1", str(e))) from None
+    own = {f.name for f in fields(MODEL_CONFIGS[cfg.model_type])}
+    for f in model_fields():
+        if f.name not in own and getattr(cfg, f.name) != f.default:
+            users = [t for t, c in MODEL_CONFIGS.items() if f.name in {g.name for g in fields(c)}]
+            raise ConfigError(f"--{f.name} is for --model_type {' or '.join(users)}, not {cfg.model_type}; drop it")

@@ -12,7 +12,7 @@ import torch
 
 from gpt2repro.addition import AdditionLoader
 from gpt2repro.autobatch import auto_batch, choose_batch_size, upper_batch_size
-from gpt2repro.build import build_data, build_model, check_sample_prompt
+from gpt2repro.build import build_data, build_model, check_sample_prompt, read_text
 from gpt2repro.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -79,6 +79,25 @@ def check_out_dir(cfg: TrainConfig, resume_path: Path | None) -> None:
                           "run's; going on here would mix the two runs; resume into a new --out_dir")
 
 
+def given_tokenizer(cfg: TrainConfig, ckpt: dict | None) -> Tokenizer | None:
+    """The tokenizer the data must be read with, or None to build it from the data: a resumed run's, except for a
+    character vocabulary made from the text (rebuilt, so a changed text is caught); and a character checkpoint's
+    given as --init, whose vocabulary must then cover the text (pretrained on a larger corpus, say)."""
+    if ckpt:
+        keeps_vocab = cfg.data != "char" or trained_with(ckpt).get("init")
+        return tokenizer_from_dict(ckpt["tokenizer"]) if keeps_vocab else None
+    if cfg.init and cfg.data == "char" and Path(cfg.init).is_file():
+        tokenizer = tokenizer_from_dict(load_checkpoint(cfg.init)["tokenizer"])
+        if tokenizer.name != "char":
+            return None  # build_model names the mismatch
+        unseen = sorted(set(read_text(cfg.text_path)) - set(tokenizer.chars))
+        if unseen:
+            raise ConfigError(f"--text_path {cfg.text_path} has characters that --init {cfg.init}'s vocabulary "
+                              f"lacks ({''.join(unseen)!r}); pretrain on a text that holds them")
+        return tokenizer
+    return None
+
+
 def restore_or_build(cfg: TrainConfig, dist: Dist, ckpt: dict | None, resume_path: Path | None,
                      dtype: torch.dtype) -> tuple[TrainConfig, Tokenizer, TokenLoader | AdditionLoader,
                                                   TokenLoader | AdditionLoader, LanguageModel]:
@@ -90,8 +109,7 @@ def restore_or_build(cfg: TrainConfig, dist: Dist, ckpt: dict | None, resume_pat
     if probe:  # loaders are built at the upper bound first, then again at the chosen size
         trained = (ckpt or {}).get("train_config", {}).get("batch_size")
         cfg = dataclasses.replace(cfg, batch_size=upper_batch_size(cfg, trained))
-    hint = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt and cfg.data != "char" else None
-    tokenizer, train_loader, val_loader = build_data(cfg, dist, hint)
+    tokenizer, train_loader, val_loader = build_data(cfg, dist, given_tokenizer(cfg, ckpt))
     raw = restore_model(cfg, ckpt, resume_path, tokenizer) if ckpt else build_model(cfg, tokenizer, dist.device)
     check_sample_prompt(cfg, tokenizer)  # after the vocabulary check: a changed text is the cause to name
     if cfg.block_size > raw.config.block_size:
@@ -117,7 +135,7 @@ def restore_model(cfg: TrainConfig, ckpt: dict, path: Path, tokenizer: Tokenizer
         raise ConfigError(f"--resume: {path} was trained with a different {ckpt['tokenizer'].get('name')} "
                           f"vocabulary than {source} gives; resume with the same data")
     if not cfg.init:
-        want = asdict(cfg.gpt_config(tokenizer.vocab_size)) | {"model_type": cfg.model_type}
+        want = asdict(cfg.model_config(tokenizer.vocab_size)) | {"model_type": cfg.model_type}
         have = ckpt["model_config"] | {"model_type": ckpt.get("model_type", "gpt")}
         diff = [f"{k}={have.get(k)} (flags say {want[k]})" for k in want if have.get(k) != want[k]]
         if diff:

@@ -101,3 +101,36 @@ def test_val_loss_of_both_models_on_the_same_data(executed, run_dir):
     reference = float(lines["reference"].split("val_loss ")[1].split(",")[0])
     assert 9.0 < reference < 12.5  # a random GPT-2: about ln(50257) = 10.8 per token
     assert "tokenizers differ" in text
+
+
+# ----------------------------------------------------------------------------- lecture.ipynb
+
+LECTURE_NOTEBOOK = ROOT / "lecture.ipynb"
+
+
+def test_lecture_notebook_committed_without_outputs():
+    nb = nbformat.read(LECTURE_NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+
+
+def test_lecture_notebook_runs_its_checks_and_trains_the_stages(tmp_path):
+    """Every cell runs (its asserts: the four attention versions agree, the scaling's variances, the bigram's
+    initial loss); each stage trains 3 steps on a small text through its preset and prints a val loss."""
+    text = tmp_path / "small.txt"
+    text.write_text(shakespeare().read_text()[:30000])
+    stages = ["lecture-bigram", "lecture-heads", "lecture-dropout"]
+    params = dict(TEXT_PATH=str(text), STAGES=stages, MAX_STEPS=3, EVAL_ITERS=2, OUT_DIR=str(tmp_path / "out"),
+                  DEVICE="cpu", SEED=7)
+    nb = nbformat.read(LECTURE_NOTEBOOK, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items())))
+    NotebookClient(nb, kernel_name="python3", timeout=240, resources={"metadata": {"path": str(ROOT)}}).execute()
+    text_out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "versions 1, 2 and 3 agree" in text_out
+    for stage in stages:
+        metrics = (tmp_path / "out" / stage / "metrics.jsonl").read_text().splitlines()
+        last = [json.loads(line) for line in metrics if '"val_loss"' in line][-1]
+        assert last["step"] == 3 and f"| {stage} | " in text_out and f"{last['val_loss']:.4f}" in text_out

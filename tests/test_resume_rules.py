@@ -24,6 +24,10 @@ CHAR = ["--preset", "shakespeare-char", "--n_layer", "1", "--n_head", "2", "--n_
         "--batch_size", "2", "--total_batch_size", "32", "--eval_iters", "1", "--eval_interval", "2",
         "--ckpt_interval", "2", "--keep_last", "0", "--num_samples", "0", "--device", "cpu", "--dtype", "float32",
         "--compile", "false", "--log_interval", "1000"]
+# the lecture's model (one residual block of 2 heads, no LayerNorm) for its own model flags
+LECTURE = ["--preset", "lecture-residual", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2",
+           "--total_batch_size", "16", "--eval_iters", "1", "--eval_interval", "2", "--ckpt_interval", "2",
+           "--keep_last", "0", "--num_samples", "0", "--device", "cpu", "--log_interval", "1000"]
 ADDITION = ["--preset", "addition", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "8",
             "--total_batch_size", "96", "--eval_iters", "1", "--eval_interval", "2", "--ckpt_interval", "2",
             "--keep_last", "0", "--device", "cpu", "--log_interval", "1000"]
@@ -35,10 +39,12 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[str]]:
-    """Two finished 2-step runs, char text and addition; each value is the run's flags (out_dir included)."""
+    """Three finished 2-step runs, char text (GPT and the lecture's model) and addition; each value is the run's
+    flags (out_dir included)."""
     root = tmp_path_factory.mktemp("runs")
     (root / "text.txt").write_text(TEXT)
-    flags = {"char": CHAR + ["--text_path", str(root / "text.txt")], "addition": ADDITION}
+    text = ["--text_path", str(root / "text.txt")]
+    flags = {"char": CHAR + text, "lecture": LECTURE + text, "addition": ADDITION}
     for name, argv in flags.items():
         argv += ["--out_dir", str(root / name)]
         train_gpt2.main(argv + ["--max_steps", "2"])
@@ -130,16 +136,19 @@ MODEL_VALUES = {"n_layer": "2", "n_head": "4", "n_embd": "32", "dropout": "0.1",
                 "norm": "rmsnorm", "mlp": "relu2", "qk_norm": "true", "tie_embeddings": "false",
                 "logit_softcap": "5", "zero_init": "true", "vocab_size": "128", "block_size": "8",
                 "model_type": "bigram"}
+# the lecture model's own switches, tried on the lecture run
+LECTURE_MODEL_VALUES = {"ffwd": "false", "residual": "false", "layernorm": "true"}
 
 
 def test_every_refused_and_model_flag_is_tested():
     assert sorted(REFUSED_VALUES) == sorted(RESUME_REFUSED)
-    assert sorted(MODEL_VALUES) == sorted(RESUME_MODEL)
+    assert sorted(MODEL_VALUES | LECTURE_MODEL_VALUES) == sorted(RESUME_MODEL)
 
 
-@pytest.mark.parametrize("flag", sorted(REFUSED_VALUES) + sorted(MODEL_VALUES))
+@pytest.mark.parametrize("flag", sorted(REFUSED_VALUES) + sorted(MODEL_VALUES) + sorted(LECTURE_MODEL_VALUES))
 def test_changed_flag_the_state_depends_on_is_refused(runs, tmp_path, flag, capsys):
-    run, value = REFUSED_VALUES.get(flag) or ("char", MODEL_VALUES[flag])
+    run, value = (REFUSED_VALUES.get(flag) or (flag in LECTURE_MODEL_VALUES and ("lecture", LECTURE_MODEL_VALUES[flag]))
+                  or ("char", MODEL_VALUES[flag]))
     argv = copy_run(runs, run, tmp_path / "run")
     before = snapshot(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
