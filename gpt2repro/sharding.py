@@ -13,7 +13,7 @@ A sharded checkpoint of step N is two things in the run directory:
 
 Loading never runs pickled code: DCP's `.metadata` file is unpickled with an allow-list of the classes a genuine
 checkpoint holds (`SafeReader`), and its non-tensor entries are read with torch.load(weights_only=True)
-(`SafePlanner`); DCP's own defaults use pickle.load and torch.load(weights_only=False) there.
+(`SafePlanner`); DCP's own readers unpickle both without any restriction.
 """
 
 from __future__ import annotations
