@@ -17,7 +17,7 @@ import torch
 
 import train_gpt2
 from gpt2repro.checkpoint import checkpoint_path, load_checkpoint, load_model
-from prepare import ensure_shakespeare
+from conftest import shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, CKPT_INTERVAL = 9, 3
@@ -32,7 +32,7 @@ OPTIMIZERS = {"muon": ["--optimizer", "muon", "--pos", "rope"], "adamw": ["--opt
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:20000])
+    path.write_text(shakespeare().read_text()[:20000])
     return path
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gpt2repro.checkpoint import checkpoint_path, load_checkpoint
-from prepare import ensure_shakespeare
+from conftest import shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, CKPT_INTERVAL = 16, 8
@@ -53,7 +53,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(ensure_shakespeare(ROOT / "input.txt").read_text()[:20000])
+    path.write_text(shakespeare().read_text()[:20000])
     return path
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import shakespeare as tests_copy
+from conftest import shakespeare as verified_copy
 
 import prepare
 from gpt2repro.fileio import sha256_of
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def shakespeare(monkeypatch):
     """The tests' verified copy as the $TINYSHAKESPEARE copy; no download is ever tried."""
-    source = tests_copy()
+    source = verified_copy()
     monkeypatch.setenv("TINYSHAKESPEARE", str(source))
     monkeypatch.setattr(prepare, "_download", lambda url, timeout=15.0: None)
     return source
@@ -53,7 +53,7 @@ def test_tests_use_their_own_copy_not_the_users_input_txt(tmp_path, monkeypatch)
     """A user's own input.txt (kept by set-up, trained on by default) is never what the tests read as Shakespeare."""
     import conftest
 
-    verified = tests_copy()
+    verified = verified_copy()
     (tmp_path / "input.txt").write_text("my own corpus\n")
     monkeypatch.setattr(conftest, "ROOT", tmp_path)
     monkeypatch.setattr(conftest, "TEST_DATA", tmp_path / "tests" / ".data")
