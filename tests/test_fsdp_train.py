@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 import train_gpt2
 from gpt2repro.checkpoint import checkpoint_path, load_checkpoint, load_model
-from conftest import shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, CKPT_INTERVAL = 9, 3

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from gpt2repro.checkpoint import checkpoint_path, load_checkpoint
-from conftest import shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, CKPT_INTERVAL = 16, 8
