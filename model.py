@@ -191,9 +191,11 @@ class LanguageModel(nn.Module):
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        muon_ns_dtype: torch.dtype | None = None,
     ) -> torch.optim.AdamW | CombinedOptimizer:
         """AdamW that decays matrices and embeddings (≥2-D) but not biases and LayerNorm gains; with `optimizer`
-        "muon", Muon (`muon_*` settings) takes the blocks' matrices and that AdamW keeps the rest.
+        "muon", Muon (`muon_*` settings; `muon_ns_dtype` the dtype of its Newton–Schulz iteration) takes the
+        blocks' matrices and that AdamW keeps the rest.
 
         Every group carries "lr_scale", its peak LR over `learning_rate` (1 for AdamW's groups): a schedule
         computed for `learning_rate` sets each group["lr"] = lr * group["lr_scale"].
@@ -232,7 +234,8 @@ class LanguageModel(nn.Module):
             {"params": [p for n, p in hidden if not n.endswith("attn.c_attn.weight")], "split": 1},
         ]
         muon_groups = [g | {"lr_scale": muon_lr / learning_rate} for g in muon_groups if g["params"]]
-        muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
+        muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay,
+                    ns_dtype=muon_ns_dtype)
         return CombinedOptimizer([adamw, muon])
 
 

@@ -122,7 +122,7 @@ def set_up(cfg: TrainConfig, dist: Dist) -> tuple[Trainer, int, Path | None]:
             raise ConfigError("--fsdp true runs in bfloat16 or float32, and --dtype auto picked float16 on this GPU; "
                               "pass --dtype float32")
         model, compiled = wrap_model(raw, cfg, dist, dtype)
-    optimizer = make_optimizer(raw, cfg, device_type, verbose=dist.master)
+    optimizer = make_optimizer(raw, cfg, device_type, verbose=dist.master, dtype=dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     start_step, elapsed, target_reached = 0, 0.0, None
     if ckpt is not None:

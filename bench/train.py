@@ -5,6 +5,8 @@
   CPUs without native bf16), and a `transformers` `GPT2LMHeadModel` step with the same shapes and AdamW;
 - MFU of each 124M step against this CPU's measured matmul peak in the precision the step uses (bf16 rows
   against the bf16 peak, fp32 rows against the fp32 peak);
+- a Muon step on the `lecture-fast` model's matrices (6 layers x 384) with Newton–Schulz in fp32 and in bf16
+  (what a bf16 run uses);
 - (full run only) wall-clock time of the `shakespeare-char` preset to val loss 1.88, against nanoGPT's CPU
   recipe (4 layers x 128, batch 12 x 64, lr 1e-3, 2000 steps) run by the same trainer.
 
@@ -78,6 +80,19 @@ def transformers_tok_per_s(shape: dict, vocab_size: int, steps: int) -> float:
     return B * T / best_seconds(step, repeats=steps)
 
 
+def muon_step_ms(ns_dtype: torch.dtype, repeats: int) -> float:
+    """Milliseconds of the fastest Muon step over the blocks' matrices of lecture-fast's 6 x 384 model."""
+    model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384))
+    opt = model.configure_optimizers(0.1, 3e-3, verbose=False, optimizer="muon", muon_ns_dtype=ns_dtype)
+    muon = opt.optimizers[1]
+    gen = torch.Generator().manual_seed(0)
+    for group in muon.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=gen)
+    with torch.no_grad():
+        return 1000 * best_seconds(muon.step, repeats)
+
+
 def time_to_val(args: list[str], target: float) -> tuple[float | None, float, float]:
     """(seconds to the first val loss <= target or None, total seconds, final val loss) of one trainer run."""
     with tempfile.TemporaryDirectory() as out:
@@ -126,6 +141,13 @@ def run(quick: bool = False) -> list[Row]:
                 Row("train", "124M: ours, compile+fp32, MFU (fp32 peak)", 100 * flops_per_token * fast32 / peak32,
                     "% of peak"),
             ]
+    repeats = 2 if quick else 5
+    ns32, ns16 = muon_step_ms(torch.float32, repeats), muon_step_ms(torch.bfloat16, repeats)
+    rows += [
+        Row("train", "Muon step, lecture-fast's 24 matrices (6L/384), Newton-Schulz fp32", ns32, "ms"),
+        Row("train", "Muon step, lecture-fast's 24 matrices (6L/384), Newton-Schulz bf16 (bf16 runs)", ns16, "ms",
+            "fp32 Newton-Schulz", ns16 / ns32, "lower is better"),
+    ]
     if not quick:
         ours, ours_total, ours_final = time_to_val([], 1.88)
         _, ref_total, ref_final = time_to_val(NANOGPT_CPU_RECIPE, 1.88)

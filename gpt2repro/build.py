@@ -152,11 +152,14 @@ def check_sample_prompt(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
             raise ConfigError(f"--sample_prompt {cfg.sample_prompt!r}: {e}") from None
 
 
-def make_optimizer(model: LanguageModel, cfg: TrainConfig, device_type: str,
-                   verbose: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(model: LanguageModel, cfg: TrainConfig, device_type: str, verbose: bool = False,
+                   dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+    """The run's optimizer; a run that computes in bf16 also orthogonalises Muon's updates in bf16."""
+    ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
     return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, device_type,
                                       verbose=verbose, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
-                                      muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+                                      muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+                                      muon_ns_dtype=ns_dtype)
 
 
 def wrap_model(model: LanguageModel, cfg: TrainConfig, dist: Dist,

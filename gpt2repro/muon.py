@@ -64,6 +64,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         ns_steps: int = NS_STEPS,
         split: int = 1,
+        ns_dtype: torch.dtype | None = None,
     ) -> None:
         if not (lr >= 0 and 0 <= momentum < 1 and weight_decay >= 0 and ns_steps >= 1 and split >= 1):
             raise ValueError(f"Muon: needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0, ns_steps >= 1, split >= 1; "
@@ -71,6 +72,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                         split=split)
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype  # Newton–Schulz's dtype (None: orthogonalize's default); not saved with the state
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2 or p.size(0) % group["split"]:
@@ -106,7 +108,7 @@ class Muon(torch.optim.Optimizer):
                 sharded = isinstance(ps[0], DTensor)
                 if sharded:  # FSDP: Newton–Schulz needs whole matrices, one all-gather per shape
                     updates = _whole(updates, ps[0])
-                ortho = orthogonalize(updates.view(len(ps), k, m, cols), group["ns_steps"])
+                ortho = orthogonalize(updates.view(len(ps), k, m, cols), group["ns_steps"], self.ns_dtype)
                 ortho = ortho.view(len(ps), rows, cols)
                 if sharded:  # each rank applies its own rows of the result
                     ortho = _own_rows(ortho, ps[0])

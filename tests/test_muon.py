@@ -210,3 +210,30 @@ def test_configure_optimizers_refuses_bad_choices():
         tiny().configure_optimizers(0.1, 1e-3, verbose=False, optimizer="sgd")
     with pytest.raises(ValueError, match="no hidden matrices; use adamw"):
         BigramLanguageModel(GPTConfig(vocab_size=5)).configure_optimizers(0.0, 0.1, verbose=False, optimizer="muon")
+
+
+def test_bf16_newton_schulz_is_applied_close_to_fp32_and_not_saved():
+    """A bf16 run orthogonalises in bf16 (make_optimizer's choice): the update stays U·Vᵀ-like, within bf16 of
+    the fp32 one, and the choice is not part of the saved state (a checkpoint resumes under either dtype)."""
+    from gpt2repro.build import make_optimizer
+    from gpt2repro.config import TrainConfig
+
+    cfg = TrainConfig(optimizer="muon", max_lr=3e-3, muon_lr=0.02)
+    updates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny(seed=4)
+        opt = make_optimizer(model, cfg, "cpu", dtype=dtype)
+        muon = opt.optimizers[1]
+        assert muon.ns_dtype == (torch.bfloat16 if dtype == torch.bfloat16 else None)
+        assert "ns_dtype" not in repr(opt.state_dict())
+        w = model.transformer.h[0].mlp.c_fc.weight
+        before = w.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        opt.step()
+        updates[dtype] = (before - w.detach()).double()
+        u, _, vh = svd_parts(w.grad)
+        assert cosine(updates[dtype], u @ vh) > 0.97
+    fp32, bf16 = updates[torch.float32], updates[torch.bfloat16]
+    assert not torch.equal(fp32, bf16)  # the dtype was applied
+    assert cosine(fp32, bf16) > 0.99
